@@ -1,0 +1,348 @@
+"""The process reward model's math: step tags, the PRM loss, step scores, aggregation, best-of-N.
+
+References (PAPER.md):
+- Stage II: the PRM reads a scalar value head at step-tag positions; the step score is the sigmoid of
+  that logit; training is binary cross-entropy over the tagged steps (Eq. 4).
+- "PRM readout detail": the released scorer's tag rule (`insert_tags` here), score 0 for no tag.
+- Test time: best-of-N = argmax_i of the aggregate (mean; min is also reported) of solution i's step
+  scores (Eq. 10); self-consistency (majority vote) is the baseline; a PRM-weighted vote is a common
+  extension.
+- Math-Shepherd (Wang et al. 2023) for the "step tag" idea and the step-level PRM metrics.
+
+Solutions look like
+
+    Step 1: There are 3 red circles.\n\nStep 2: 3 * 5 = 15.\n\n†Answer: 15
+
+A step header is "Step <digits>" at the start of a line; everything before the first "†Answer:" is the
+body (the steps), everything after it is the answer. The step tag is " и" (space + U+0438); the
+tokenizer maps it to one token id, and the code below only sees that id.
+
+Two ways to place tags:
+- `insert_tags` (test time, the released scorer's rule): a tag right after the last non-space
+  character of each step, i.e. before every following "Step k" header and before "†Answer:". The
+  answer line carries no tag, and when there is no "†Answer:" the LAST STEP GETS NO TAG (the response
+  was probably cut off). Without any "Step" header the whole body is one step with one tag at its end.
+- `tag_steps` (training inputs from DualMath records): tags EVERY given step, so each label has its
+  tag even when the record has no answer line. With an answer the two agree on canonical solutions.
+Deviation from the released scorer: it matches "Step k" anywhere in the text (and tags the whole
+user instruction); here a header must start a line and only the solution is tagged, so a mention
+such as "as in Step 2" inside a step does not split it. On canonical solutions the two are identical.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+STEP_TAG = " и"                     # space + CYRILLIC SMALL LETTER I (U+0438)
+ANSWER_MARK = "†Answer:"
+STEP_HEADER = re.compile(r"^[ \t]*Step \d+\b", re.MULTILINE)
+
+PRM_INSTRUCTION = ("You are given a problem and a step-by-step solution. "
+                   "You need to check the correctness of each step.")
+
+AGGREGATIONS = ("min", "mean", "last", "product")
+
+
+# ---- text: steps, tags, prompt ---------------------------------------------------------------
+
+def _split_body(text: str) -> tuple[str, Optional[str]]:
+    """(body before the first "†Answer:", text after it or None when there is no marker)."""
+    k = text.find(ANSWER_MARK)
+    if k < 0:
+        return text, None
+    return text[:k], text[k + len(ANSWER_MARK):]
+
+
+def _step_starts(body: str) -> list[int]:
+    """Character offsets of the step headers in body (the first step also owns any preamble)."""
+    return [m.start() for m in STEP_HEADER.finditer(body)]
+
+
+def split_steps(solution: str) -> tuple[list[str], Optional[str]]:
+    """Solution text -> (steps, answer).
+
+    steps: the stripped step texts, each INCLUDING its "Step k:" header; text before the first
+    header is kept with the first step; no header at all -> the whole body is one step (an empty
+    body -> no steps). answer: the stripped text after "†Answer:", or None when there is none.
+    join_steps(*split_steps(s)) == s for a canonical solution s.
+    """
+    body, answer = _split_body(solution)
+    starts = _step_starts(body)
+    cuts = [0] + starts[1:] + [len(body)]
+    steps = [body[a:b].strip() for a, b in zip(cuts[:-1], cuts[1:])]
+    steps = [s for s in steps if s]
+    return steps, (answer.strip() if answer is not None else None)
+
+
+def join_steps(steps: Sequence[str], answer: Optional[str]) -> str:
+    """Steps (with their "Step k:" headers) and the bare answer -> the canonical solution text.
+    answer None -> no "†Answer:" line."""
+    text = "\n\n".join(steps)
+    if answer is not None:
+        text = (text + "\n\n" if text else "") + f"{ANSWER_MARK} {answer}"
+    return text
+
+
+def _end_of_content(text: str, pos: int) -> int:
+    """Offset just after the last non-whitespace character before pos (0 if there is none)."""
+    j = pos
+    while j > 0 and text[j - 1].isspace():
+        j -= 1
+    return j
+
+
+def insert_tags(text: str, tag: str = STEP_TAG) -> str:
+    """The released scorer's tag rule (PAPER.md, "PRM readout detail"); see the module docstring.
+
+    A tag goes right after the last non-space character before every "Step k" header except the
+    first, and before "†Answer:"; the answer line gets none; without "†Answer:" the last step gets
+    none. No header: one tag at the end of the body (before "†Answer:", or at the end of the text).
+    A blank body gets no tag.
+    """
+    body, answer = _split_body(text)
+    starts = _step_starts(body)
+    points = [_end_of_content(body, s) for s in starts[1:]]
+    end = _end_of_content(body, len(body))
+    if end > 0 and (answer is not None or not starts):
+        points.append(end)
+    out, prev = [], 0
+    for p in points:
+        out += [body[prev:p], tag]
+        prev = p
+    out.append(body[prev:])
+    tagged = "".join(out)
+    return tagged if answer is None else tagged + ANSWER_MARK + answer
+
+
+def tag_steps(steps: Sequence[str], answer: Optional[str], tag: str = STEP_TAG) -> str:
+    """Tag EVERY step (training inputs; a DualMath record has a label for each step):
+    "Step 1: a. и\\n\\nStep 2: b. и\\n\\n†Answer: C". Unlike insert_tags the last step is tagged
+    even when answer is None. A blank step, or a step already containing the tag, is an error."""
+    parts = []
+    for k, s in enumerate(steps):
+        if not s.strip():
+            raise ValueError(f"tag_steps: step {k} is blank")
+        if tag in s:
+            raise ValueError(f"tag_steps: step {k} already contains the step tag {tag!r}: {s[:60]!r}")
+        parts.append(s.rstrip() + tag)
+    return join_steps(parts, answer)
+
+
+def count_tags(text: str, tag: str = STEP_TAG) -> int:
+    """Number of step tags in text."""
+    return text.count(tag)
+
+
+def prm_user_text(question: str, tagged_solution: str) -> str:
+    """The PRM's user turn without the image token (the caller prepends <|image|>)."""
+    return f"{PRM_INSTRUCTION}\nQuestion:{question}\n{tagged_solution}"
+
+
+# ---- token level: tag positions and labels ---------------------------------------------------
+
+def tag_positions(input_ids: Union[torch.Tensor, Sequence[int]], tag_id: int):
+    """Tensor [B, T] (or [T]) -> bool mask of the same shape; a list of ids -> list of indices."""
+    if isinstance(input_ids, torch.Tensor):
+        return input_ids == tag_id
+    return [i for i, t in enumerate(input_ids) if t == tag_id]
+
+
+def align_labels(input_ids: torch.Tensor, tag_id: int,
+                 labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put each row's step labels at its tag positions.
+
+    input_ids: [B, T] long; labels: B lists of 0/1 (one per step, in order).
+    Returns (label_tensor [B, T] float, 0 off the tags; tag_mask [B, T] bool).
+    A row with FEWER tags than labels was truncated on the right: its first k labels go to its k
+    tags and the rest are dropped (count them as labels - tag_mask.sum()). MORE tags than labels is
+    an error naming the row (a tag in the prompt, or labels from another record).
+    """
+    if input_ids.dim() != 2:
+        raise ValueError(f"align_labels: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
+    B = input_ids.shape[0]
+    if len(labels) != B:
+        raise ValueError(f"align_labels: {B} rows of input_ids but {len(labels)} label lists")
+    mask = input_ids == tag_id                                   # [B, T]
+    out = torch.zeros(input_ids.shape, dtype=torch.float32)
+    for b in range(B):
+        pos = mask[b].nonzero().flatten()                        # [k]
+        row = list(labels[b])
+        if len(pos) > len(row):
+            raise ValueError(f"align_labels: row {b} has {len(pos)} step tags but only {len(row)} "
+                             f"labels")
+        bad = [y for y in row if y not in (0, 1)]
+        if bad:
+            raise ValueError(f"align_labels: row {b} has labels other than 0/1: {bad[:5]}")
+        out[b, pos] = torch.tensor(row[:len(pos)], dtype=torch.float32)
+    return out, mask
+
+
+# ---- loss and scores -------------------------------------------------------------------------
+
+def prm_loss(value_logits: torch.Tensor, label_tensor: torch.Tensor, tag_mask: torch.Tensor,
+             num_tags: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+    """Binary cross-entropy over the tagged steps (Eq. 4):
+
+        L = -(1 / num_tags) * sum_{tags} [ y log sigmoid(z) + (1 - y) log(1 - sigmoid(z)) ]
+
+    value_logits, label_tensor: [B, T] float; tag_mask: [B, T] bool.
+    num_tags: the number of tags in the WHOLE optimizer step (all micro-batches, all ranks), so
+    summing the micro-batch losses weights every tag the same; default the local tag_mask.sum().
+    metrics: loss, step_acc (prediction "correct" iff sigmoid(z) >= 0.5, i.e. z >= 0), num_tags
+    (local), pos_frac (share of label-1 tags). No tags -> loss 0 (still attached to the graph).
+    """
+    if not (value_logits.shape == label_tensor.shape == tag_mask.shape):
+        raise ValueError(f"prm_loss: shapes differ: value_logits {tuple(value_logits.shape)}, "
+                         f"labels {tuple(label_tensor.shape)}, tag_mask {tuple(tag_mask.shape)}")
+    mask = tag_mask.bool()
+    local = int(mask.sum())
+    denom = local if num_tags is None else int(num_tags)
+    if denom < local:
+        raise ValueError(f"prm_loss: num_tags {denom} is smaller than the {local} tags in this batch")
+    z = value_logits[mask].float()                               # [N]
+    y = label_tensor[mask].float()                               # [N]
+    if local == 0:
+        loss = value_logits.sum() * 0.0
+        return loss, {"loss": 0.0, "step_acc": float("nan"), "num_tags": 0, "pos_frac": float("nan")}
+    loss = F.binary_cross_entropy_with_logits(z, y, reduction="sum") / denom
+    with torch.no_grad():
+        acc = ((z >= 0).float() == y).float().mean().item()
+    return loss, {"loss": loss.item(), "step_acc": acc, "num_tags": local,
+                  "pos_frac": y.mean().item()}
+
+
+def step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[float]:
+    """value_logits [T], tag_mask [T] bool -> sigmoid(value_logits) at the tags, in order."""
+    if value_logits.dim() != 1 or value_logits.shape != tag_mask.shape:
+        raise ValueError(f"step_scores: expected two [T] tensors, got {tuple(value_logits.shape)} "
+                         f"and {tuple(tag_mask.shape)}")
+    return torch.sigmoid(value_logits[tag_mask.bool()].float()).tolist()
+
+
+def batch_step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[list[float]]:
+    """value_logits [B, T], tag_mask [B, T] -> one list of step scores per row."""
+    return [step_scores(value_logits[b], tag_mask[b]) for b in range(value_logits.shape[0])]
+
+
+# ---- test time: aggregation, best-of-N, votes -----------------------------------------------
+
+def aggregate(scores: Sequence[float], how: str = "mean") -> float:
+    """Solution score from its step scores: min | mean | last | product; no tags -> 0.0 (the
+    released scorer's rule: a response without a tag scores 0)."""
+    if how not in AGGREGATIONS:
+        raise ValueError(f"aggregate: unknown aggregation {how!r}; choose one of {AGGREGATIONS}")
+    if len(scores) == 0:
+        return 0.0
+    if how == "min":
+        return float(min(scores))
+    if how == "mean":
+        return float(sum(scores) / len(scores))
+    if how == "last":
+        return float(scores[-1])
+    return float(math.prod(scores))
+
+
+def best_of_n(per_solution_scores: Sequence[Sequence[float]], how: str = "mean") -> int:
+    """Eq. 10: index of the solution with the largest aggregate score; ties -> the first."""
+    if len(per_solution_scores) == 0:
+        raise ValueError("best_of_n: no solutions")
+    agg = [aggregate(s, how) for s in per_solution_scores]
+    return max(range(len(agg)), key=lambda i: (agg[i], -i))
+
+
+def majority_vote(answers: Sequence[Optional[str]]) -> Optional[str]:
+    """Self-consistency: the most frequent answer (None ignored; ties -> the first to appear;
+    all None -> None). Answers are compared as given: normalise them first."""
+    counts = Counter(a for a in answers if a is not None)
+    if not counts:
+        return None
+    return max(counts, key=lambda a: counts[a])   # Counter keeps first-seen order; max keeps first
+
+
+def prm_weighted_vote(answers: Sequence[Optional[str]], agg_scores: Sequence[float]) -> Optional[str]:
+    """The answer whose solutions' aggregate PRM scores sum highest (None answers ignored; ties ->
+    the first to appear; all None -> None)."""
+    if len(answers) != len(agg_scores):
+        raise ValueError(f"prm_weighted_vote: {len(answers)} answers but {len(agg_scores)} scores")
+    total: dict = {}
+    for a, s in zip(answers, agg_scores):
+        if a is not None:
+            total[a] = total.get(a, 0.0) + float(s)
+    if not total:
+        return None
+    return max(total, key=lambda a: total[a])
+
+
+# ---- PRM evaluation on labelled steps ------------------------------------------------------
+
+def auc(scores: Sequence[float], labels: Sequence[int]) -> float:
+    """Rank-based ROC AUC (Mann-Whitney U): P(score of a label-1 step > score of a label-0 step),
+    ties counted half. One class missing -> nan."""
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels)
+    if s.shape != y.shape or s.ndim != 1:
+        raise ValueError(f"auc: scores {s.shape} and labels {y.shape} must be equal 1-D shapes")
+    n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
+    if n_pos + n_neg != len(y):
+        raise ValueError("auc: labels must be 0 or 1")
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(s, kind="mergesort")
+    s_sorted = s[order]
+    ranks = np.empty(len(s), dtype=np.float64)
+    i = 0
+    while i < len(s):                     # average 1-based rank over each run of equal scores
+        j = i
+        while j + 1 < len(s) and s_sorted[j + 1] == s_sorted[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    u = ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2
+    return float(u / (n_pos * n_neg))
+
+
+def step_metrics(scores: Sequence[float], labels: Sequence[int], threshold: float = 0.5) -> dict:
+    """Step-level PRM metrics over a flat list of steps. A step is predicted correct iff
+    score >= threshold. Error detection treats label 0 as the positive class:
+    err_precision = P(label 0 | predicted wrong), err_recall = P(predicted wrong | label 0).
+    Undefined ratios are nan."""
+    if len(scores) != len(labels):
+        raise ValueError(f"step_metrics: {len(scores)} scores but {len(labels)} labels")
+    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels)
+    pred = (s >= threshold).astype(int)
+    nan = float("nan")
+    pred_err, true_err = pred == 0, y == 0
+    tp = int((pred_err & true_err).sum())
+    prec = tp / int(pred_err.sum()) if pred_err.any() else nan
+    rec = tp / int(true_err.sum()) if true_err.any() else nan
+    f1 = 2 * prec * rec / (prec + rec) if (prec == prec and rec == rec and prec + rec > 0) else nan
+    return {"n": len(s), "acc": float((pred == y).mean()) if len(s) else nan,
+            "auc": auc(s, y) if len(s) else nan, "err_precision": prec, "err_recall": rec,
+            "err_f1": f1}
+
+
+def first_error_hit(scores: Sequence[float], labels: Sequence[int],
+                    threshold: float = 0.5) -> tuple[bool, Optional[bool]]:
+    """Does the PRM locate the first wrong step (the first label 0) of one solution?
+
+    Returns (by_threshold, by_min):
+      by_threshold: the first step with score < threshold is the first label-0 step (a solution
+        with no label 0 counts as a hit when no score is below threshold);
+      by_min: the lowest-scoring step (first on ties) is the first label-0 step; None when the
+        solution has no label-0 step (the rule always names a step, so it does not apply).
+    """
+    if len(scores) != len(labels):
+        raise ValueError(f"first_error_hit: {len(scores)} scores but {len(labels)} labels")
+    true_first = next((i for i, y in enumerate(labels) if y == 0), None)
+    pred_first = next((i for i, s in enumerate(scores) if s < threshold), None)
+    by_threshold = pred_first == true_first
+    if true_first is None or len(scores) == 0:
+        return by_threshold, None
+    lowest = min(range(len(scores)), key=lambda i: (scores[i], i))
+    return by_threshold, lowest == true_first

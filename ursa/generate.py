@@ -118,3 +118,24 @@ def generate(model: URSAModel, prompts: Sequence[Sequence[int]], pixel_values=No
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
     return Generation(tokens, logprobs, lengths, reasons,
                       torch.arange(B, device=dev).repeat_interleave(G))
+
+
+def sample_texts(model: URSAModel, tok, prompts: Sequence[Sequence[int]], pixel_values=None, *,
+                 num_samples: int = 1, batch_size: int = 64, max_new_tokens: int = 128,
+                 temperature: float = 0.0, top_p: float = 1.0, generator=None, progress=None):
+    """Sample num_samples responses per prompt in batches of batch_size prompts; decode them.
+
+    Returns (texts [len(prompts)][num_samples], generations: list of Generation per batch).
+    `tok` needs decode(), im_end_id, eos_id, pad_id (ursa.tokenizer.Tokenizer)."""
+    texts, gens = [], []
+    for s in range(0, len(prompts), batch_size):
+        px = None if pixel_values is None else pixel_values[s:s + batch_size]
+        g = generate(model, prompts[s:s + batch_size], px, num_samples=num_samples,
+                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                     stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id, generator=generator)
+        gens.append(g)
+        rows = [tok.decode(g.row(i)) for i in range(g.tokens.shape[0])]
+        texts.extend(rows[i:i + num_samples] for i in range(0, len(rows), num_samples))
+        if progress is not None:
+            progress.update(len(rows))
+    return texts, gens

@@ -109,46 +109,116 @@ def write_responses(path, records, result, extra: Optional[list] = None):
 
 # ---- the results table of `python train.py` ---------------------------------------------------------
 
+def _table(rows) -> str:
+    w = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = ["| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(rows[0])) + " |",
+           "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    out += ["| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
 def recipe_table(run: Path, recipe, times: dict, quiet: bool = False) -> dict:
     """Evaluate each stage's model on the toy test / hard sets and print the results table."""
     data = Path(recipe.data_dir)
     tok = Tokenizer.from_file(run / "tokenizer.json")
     test = load_problems(data / "test.jsonl")
     hard = load_problems(data / "test_hard.jsonl")
-    rows, res = [], {"times_s": {k: round(v, 1) for k, v in times.items()}}
+    mx = recipe.max_new_tokens
+    rows, res = [("model", "toy test", "hard test")], {"times_s": {k: round(v, 1) for k, v in times.items()}}
     t0 = time.time()
-    for stage in ("align", "sft"):
+    N = recipe.eval_samples
+    greedy = {}
+    for stage in ("align", "sft", "grpo"):
         d = run / stage / "model"
         if not d.exists():
             continue
         model = load_model(d).eval()
-        r_t = evaluate(model, tok, test, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
-        r_h = evaluate(model, tok, hard, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+        r_t = evaluate(model, tok, test, data, max_new_tokens=mx, quiet=quiet)
+        r_h = evaluate(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
+        greedy[stage] = r_t
+        label = {"grpo": "PS-GRPO"}.get(stage, stage)
         res[stage] = {"test_greedy": r_t["first"] / r_t["n"], "hard_greedy": r_h["first"] / r_h["n"]}
-        rows.append((f"{stage} greedy", fmt_acc(r_t["first"], r_t["n"]), fmt_acc(r_h["first"], r_h["n"])))
+        rows.append((f"{label} greedy", fmt_acc(r_t["first"], r_t["n"]), fmt_acc(r_h["first"], r_h["n"])))
+        write_responses(run / stage / "test_greedy.jsonl", test, r_t)
+        if stage == "align":
+            continue
+        m_t = evaluate(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, quiet=quiet)
+        m_h = evaluate(model, tok, hard, data, n=N, temperature=1.0, max_new_tokens=mx, quiet=quiet)
+        res[stage].update({f"test_maj@{N}": m_t["maj"] / m_t["n"], f"hard_maj@{N}": m_h["maj"] / m_h["n"],
+                           "test_sample_acc_T1": m_t["sample_acc"], "hard_sample_acc_T1": m_h["sample_acc"]})
+        rows.append((f"{label} maj@{N} (T=1.0)", fmt_acc(m_t["maj"], m_t["n"]), fmt_acc(m_h["maj"], m_h["n"])))
+        rows.append((f"{label} one sample (T=1.0)", f"{100 * m_t['sample_acc']:.1f}%", f"{100 * m_h['sample_acc']:.1f}%"))
         if stage == "sft":
-            write_responses(run / "sft" / "test_greedy.jsonl", test, r_t)
-            N = recipe.eval_samples
-            m_t = evaluate(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
-            m_h = evaluate(model, tok, hard, data, n=N, temperature=1.0, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
-            res["sft"].update({f"test_maj@{N}": m_t["maj"] / m_t["n"], f"hard_maj@{N}": m_h["maj"] / m_h["n"],
-                               "test_sample_acc_T1": m_t["sample_acc"]})
-            rows.append((f"sft maj@{N} (T=1.0)", fmt_acc(m_t["maj"], m_t["n"]), fmt_acc(m_h["maj"], m_h["n"])))
-            rows.append(("sft single sample (T=1.0)", f"{100 * m_t['sample_acc']:5.1f}%", f"{100 * m_h['sample_acc']:5.1f}%"))
             for mode in ("blank", "shuffled"):
-                b_t = evaluate(model, tok, test, data, image_mode=mode, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+                b_t = evaluate(model, tok, test, data, image_mode=mode, max_new_tokens=mx, quiet=quiet)
                 res["sft"][f"test_greedy_{mode}_images"] = b_t["first"] / b_t["n"]
                 rows.append((f"sft greedy, {mode} images", fmt_acc(b_t["first"], b_t["n"]), "-"))
+    out = [_table(rows)]
+    # Stage II: labels, PRM held-out quality, best-of-N in the shape of the paper's Table 2
+    if (run / "label" / "stats.txt").exists():
+        out.append("DualMath labelling (synth.py label):\n" + (run / "label" / "stats.txt").read_text().strip())
+    if (run / "prm" / "state.json").exists():
+        h = json.loads((run / "prm" / "state.json").read_text())["heldout"]
+        res["prm_heldout"] = h
+        out.append(f"PRM held-out: step accuracy {100 * h['step_acc']:.1f}%, AUC {h['auc']:.3f}, first-error "
+                   f"accuracy {100 * h['first_error_acc']:.1f}% (lowest-scoring step {100 * h['first_error_acc_min']:.1f}%) "
+                   f"on {h['steps']} steps / {h['solutions']} solutions")
+        prm = load_model(run / "prm" / "model").eval()
+        for stage in ("sft", "grpo"):
+            if stage not in greedy:
+                continue
+            policy = load_model(run / stage / "model").eval()
+            table, bon, _, _ = prm_eval(policy, prm, tok, test, data, n=recipe.bon_samples, max_new_tokens=mx,
+                                        quiet=quiet, greedy=greedy[stage])
+            res[f"{stage}_best_of_n"] = bon
+            out.append(f"{'SFT' if stage == 'sft' else 'PS-GRPO'} policy + PRM on the toy test "
+                       f"(T=1.0 samples; accuracy %):\n{table}")
     times["eval"] = time.time() - t0
     res["times_s"]["eval"] = round(times["eval"], 1)
-    lines = [f"| {'model':<28} | {'toy test':<22} | {'hard test':<22} |", f"|{'-' * 30}|{'-' * 24}|{'-' * 24}|"]
-    lines += [f"| {a:<28} | {b:<22} | {c:<22} |" for a, b, c in rows]
-    lines.append("")
-    lines.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
-    table = "\n".join(lines)
-    print("\n" + table)
-    (run / "results.md").write_text(table + "\n")
+    out.append("wall time (s, this run): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
+    text = "\n\n".join(out)
+    print("\n" + text)
+    (run / "results.md").write_text(text + "\n")
     (run / "results.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _trend(metrics_path: Path, key: str, k: int = 5) -> tuple:
+    vals = [json.loads(l)[key] for l in metrics_path.read_text().splitlines() if key in json.loads(l)]
+    if not vals:
+        return (float("nan"), float("nan"))
+    return (sum(vals[:k]) / len(vals[:k]), sum(vals[-k:]) / len(vals[-k:]))
+
+
+def ablation_table(run: Path, recipe, rewards, times: dict, quiet: bool = False) -> dict:
+    """SFT vs each GRPO reward: greedy accuracy (95% intervals) and response length / step trends."""
+    data = Path(recipe.data_dir)
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    test, hard = load_problems(data / "test.jsonl"), load_problems(data / "test_hard.jsonl")
+    names = {"outcome": "GRPO (outcome reward)", "ps": "PS-GRPO", "v1": "Variant 1 (outcome + mean step)",
+             "v2": "Variant 2 (step-level advantage)"}
+    rows = [("policy", "toy test greedy", "hard test greedy", "resp. tokens first->last", "steps first->last",
+             "train acc first->last", "wall s")]
+    res = {}
+    for key, d in [("sft", run / "sft")] + [(r, run / f"grpo-{r}") for r in rewards]:
+        model = load_model(d / "model").eval()
+        a = evaluate(model, tok, test, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+        b = evaluate(model, tok, hard, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+        res[key] = {"test": a["first"] / a["n"], "hard": b["first"] / b["n"]}
+        if key == "sft":
+            rows.append(("SFT", fmt_acc(a["first"], a["n"]), fmt_acc(b["first"], b["n"]), "-", "-", "-", "-"))
+            continue
+        m = d / "metrics.jsonl"
+        L, S, A = _trend(m, "resp_len"), _trend(m, "n_steps"), _trend(m, "acc")
+        res[key].update({"resp_len": L, "n_steps": S, "train_acc": A})
+        rows.append((names[key], fmt_acc(a["first"], a["n"]), fmt_acc(b["first"], b["n"]),
+                     f"{L[0]:.1f} -> {L[1]:.1f}", f"{S[0]:.2f} -> {S[1]:.2f}",
+                     f"{100 * A[0]:.1f} -> {100 * A[1]:.1f}", f"{times.get(key, 0):.0f}"))
+    text = _table(rows) + ("\n\n(first/last = mean over the first / last 5 logged GRPO steps; "
+                           f"{recipe.grpo.steps} steps x {recipe.grpo_prompts} prompts x {recipe.grpo_group} rollouts each)")
+    print("\n" + text)
+    (run / "ablation.md").write_text(text + "\n")
+    (run / "ablation.json").write_text(json.dumps(res, indent=1))
     return res
 
 
@@ -199,3 +269,90 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+
+
+# ---- PRM scoring and best-of-N (Stage II, test time) -------------------------------------------------
+
+class PRMScorer:
+    """Step scores of solutions with a PRM (URSA-RM's readout): the user turn is
+    `<|image|>` + prm_user_text(question, tagged solution); the score of step k is the sigmoid of
+    the value head AT its tag token; a solution with no tag scores [] (aggregate -> 0)."""
+
+    def __init__(self, model, tok, base: Path, batch_size: int = 64):
+        self.model, self.tok, self.base, self.batch_size = model.eval(), tok, Path(base), batch_size
+
+    def encode(self, question: str, tagged: str) -> list:
+        from ursa.prm import prm_user_text
+        return self.tok.encode_prompt(prm_user_text(question, tagged), image=True,
+                                      num_image_tokens=self.model.cfg.vision.num_tokens)
+
+    @torch.no_grad()
+    def score(self, questions: list, tagged: list, pixels: torch.Tensor) -> list:
+        """questions/tagged: one per solution; pixels [n, 3, S, S]. -> list of step-score lists."""
+        from ursa.data import Example, collate
+        from ursa.prm import batch_step_scores
+        out = []
+        for s in range(0, len(tagged), self.batch_size):
+            ex = [Example(self.encode(q, t), [0], pixels[s + i]) for i, (q, t) in
+                  enumerate(zip(questions[s:s + self.batch_size], tagged[s:s + self.batch_size]))]
+            for e in ex:
+                e.loss_mask = [0] * len(e.ids)
+            b = collate(ex, self.tok.pad_id)
+            v = self.model(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, logits=False,
+                           values=True).values
+            out.extend(batch_step_scores(v.float(), b.input_ids == self.tok.tag_id))
+        return out
+
+    def score_responses(self, records, responses: list, pixels: torch.Tensor) -> list:
+        """responses[i]: list of response texts of record i -> scores[i][j] (list of step scores)."""
+        from ursa.prm import insert_tags
+        qs, tg, px = [], [], []
+        for i, (r, rs) in enumerate(zip(records, responses)):
+            for t in rs:
+                qs.append(r["question"]), tg.append(insert_tags(t)), px.append(i)
+        flat = self.score(qs, tg, pixels[torch.tensor(px)])
+        out, k = [], 0
+        for rs in responses:
+            out.append(flat[k:k + len(rs)])
+            k += len(rs)
+        return out
+
+
+def best_of_n_table(records, result: dict, scores: list, greedy_correct: list, ns=(1, 2, 4, 8, 16)) -> tuple:
+    """The shape of the paper's Table 2: for each N, accuracy of maj@N, PRM best-of-N under each
+    aggregation and the PRM-weighted vote, all on the first N samples of each problem."""
+    from ursa.prm import AGGREGATIONS, aggregate, best_of_n, prm_weighted_vote
+    rows, res = [], {}
+    n_max = len(result["responses"][0])
+    ns = [n for n in ns if n <= n_max]
+    greedy = sum(greedy_correct) / len(records)
+    for n in ns:
+        acc = {"maj": 0, "weighted": 0, **{a: 0 for a in AGGREGATIONS}}
+        for i, r in enumerate(records):
+            ext, cor, sc = result["extracted"][i][:n], result["correct"][i][:n], scores[i][:n]
+            acc["maj"] += is_equiv(majority_vote(ext), str(r["answer"]), r.get("choices"))
+            for a in AGGREGATIONS:
+                acc[a] += cor[best_of_n(sc, a)]
+            w = prm_weighted_vote(ext, [aggregate(s, "mean") for s in sc])
+            acc["weighted"] += is_equiv(w, str(r["answer"]), r.get("choices"))
+        res[n] = {k: v / len(records) for k, v in acc.items()}
+    head = ["N", "greedy", "maj@N"] + [f"PRM {a}" for a in AGGREGATIONS] + ["PRM-weighted vote"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for n in ns:
+        v = res[n]
+        lines.append("| " + " | ".join([str(n), f"{100 * greedy:.1f}", f"{100 * v['maj']:.1f}"] +
+                                        [f"{100 * v[a]:.1f}" for a in AGGREGATIONS] +
+                                        [f"{100 * v['weighted']:.1f}"]) + " |")
+    return "\n".join(lines), res
+
+
+def prm_eval(policy, prm, tok, records, base: Path, n: int = 16, max_new_tokens: int = 96,
+             seed: int = 0, quiet: bool = False, greedy: Optional[dict] = None) -> tuple:
+    """Sample n solutions per problem with the policy, score them with the PRM, build the table."""
+    g = greedy or evaluate(policy, tok, records, base, max_new_tokens=max_new_tokens, quiet=quiet)
+    s = evaluate(policy, tok, records, base, n=n, temperature=1.0, max_new_tokens=max_new_tokens,
+                 seed=seed, quiet=quiet)
+    px = problem_pixels(records, base, policy.cfg.vision)
+    scores = PRMScorer(prm, tok, base).score_responses(records, s["responses"], px)
+    table, res = best_of_n_table(records, s, scores, [c[0] for c in g["correct"]])
+    return table, res, s, scores

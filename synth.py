@@ -1,6 +1,7 @@
-"""Data for the toy recipe: the visual-math world's datasets (and, later, DualMath labelling).
+"""Data for the toy recipe: the visual-math world's datasets, and DualMath labelling (Stage II).
 
     python synth.py world --out data/toy                       # CPU, a few seconds; 8000/1000/500/500
+    python synth.py label --run runs/toy --data data/toy       # DualMath from the SFT policy (BEL + MIE)
     python synth.py world --out data/toy --n-train 200 --n-rl 50 --n-test 50 --n-hard 50
     python synth.py world --out data/toy --n-train 16000 --force   # overwrite with other arguments
 
@@ -31,6 +32,7 @@ import dataclasses
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from tqdm import tqdm
@@ -162,6 +164,190 @@ def write_world(out_dir, n_train: int = 8000, n_rl: int = 1000, n_test: int = 50
     return out
 
 
+# ---- DualMath labelling (Stage II) ---------------------------------------------------------------
+#
+# From an SFT run: sample K solutions per training problem (T = 1.0, top-p 0.95, as the paper);
+# wrong ones -> Binary Error Locating (ursa.labeling.bel) with N completions per probe at T = 0.3;
+# correct ones -> about one third as many records with every step correct; MIE -> the toy world's
+# `corrupt` on the problem's reference solution: one perception fact replaced by a neighbouring
+# value and every later step RECOMPUTED from it (deterministic and always coherent; letting the
+# policy continue would also work but adds sampling noise and cost); every step from the insertion
+# on is labelled incorrect. MIE runs on mie_per_problem x the chunk's problems (default 0.5, which
+# with the default sampling gives roughly the paper's 302K : 773K MIE : BEL proportion).
+#
+# Append-only and resumable: problems are processed in chunks; after each chunk its records are
+# appended and fsync'ed, then dualmath.progress.json records the chunk count and the file's byte
+# length. A rerun truncates the file to that length (dropping a half-written chunk or line) and goes
+# on with the next chunk; each chunk's randomness is seeded by its index, so a resumed run writes the
+# same records as an uninterrupted one.
+
+def _prefix_text(steps) -> str:
+    return "\n\n".join(steps) + "\n\n" if steps else ""
+
+
+class PolicyCompleter:
+    """The batched `complete(requests, n)` of ursa.labeling over the KV-cache sampler."""
+
+    def __init__(self, model, tok, base: Path, temperature: float, top_p: float, max_new_tokens: int,
+                 batch_size: int, generator):
+        self.model, self.tok, self.base = model, tok, Path(base)
+        self.temperature, self.top_p, self.max_new = temperature, top_p, max_new_tokens
+        self.batch_size, self.generator = batch_size, generator
+        self.spent = 0
+        self._px = {}
+
+    def pixels(self, item):
+        if item["id"] not in self._px:
+            from ursa.data import image_path, load_image
+            from ursa.vision import preprocess
+            self._px[item["id"]] = preprocess(load_image(image_path(item, self.base), item.get("_where", item["id"])),
+                                              self.model.cfg.vision)
+        return self._px[item["id"]]
+
+    def sample(self, items, prefixes, n, temperature=None, top_p=None):
+        import torch
+        from ursa.generate import sample_texts
+        prompts = [self.tok.encode_prompt(it["question"], True, self.model.cfg.vision.num_tokens,
+                                          assistant_prefix=p) for it, p in zip(items, prefixes)]
+        px = torch.stack([self.pixels(it) for it in items])
+        texts, _ = sample_texts(self.model, self.tok, prompts, px, num_samples=n,
+                                batch_size=max(1, self.batch_size // n), max_new_tokens=self.max_new,
+                                temperature=self.temperature if temperature is None else temperature,
+                                top_p=self.top_p if top_p is None else top_p, generator=self.generator)
+        return texts
+
+    def __call__(self, requests, n):
+        from ursa.answer import extract_answer, is_equiv
+        if not requests:
+            return []
+        items = [it for it, _ in requests]
+        prefixes = [_prefix_text(st) for _, st in requests]
+        texts = self.sample(items, prefixes, n)
+        self.spent += n * len(requests)
+        return [[is_equiv(extract_answer(p + t), str(it["answer"]), it.get("choices")) for t in ts]
+                for it, p, ts in zip(items, prefixes, texts)]
+
+
+def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 600, k_samples: int = 4,
+                   n_probe: int = 8, chunk: int = 50, mie_per_problem: float = 0.5, correct_ratio: float = 1 / 3,
+                   compare_mc: int = 60, batch_size: int = 256, max_new_tokens: int = 96, seed: int = 0,
+                   progress: bool = True) -> dict:
+    """Write out_dir/dualmath.jsonl (step-labelled solutions) and return the label statistics."""
+    import random
+    import torch
+    from ursa.answer import extract_answer, is_equiv
+    from ursa.data import read_jsonl
+    from ursa.labeling import bel, correct_record, make_record, mie_record, per_step_mc, validate_record
+    from ursa.prm import ANSWER_MARK, STEP_TAG, split_steps
+
+    problems_path, out_dir = Path(problems_path), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    items = read_jsonl(problems_path, required=("id", "image", "answer", "steps"))[:n_problems]
+    rel = os.path.relpath(problems_path.parent, out_dir)
+    for it in items:
+        if "question" not in it:      # conversation records carry the question in the human turn
+            it["question"] = it["conversations"][0]["value"].replace("<image>\n", "")
+    out, prog_path = out_dir / "dualmath.jsonl", out_dir / "dualmath.progress.json"
+    stats = {"chunks": 0, "bytes": 0, "problems": 0, "samples": 0, "sampled_correct": 0,
+             "unparsable": 0, "bel": 0, "bel_unsolved": 0, "mie": 0, "correct": 0,
+             "bel_completions": 0, "per_step_mc_equivalent": 0, "first_error_hist": {},
+             "compare": {"solutions": 0, "bel_completions": 0, "mc_completions": 0, "agree": 0}}
+    if prog_path.exists():
+        stats = json.loads(prog_path.read_text())
+        with open(out, "r+b") as f:                       # drop anything after the last full chunk
+            f.truncate(stats["bytes"])
+    elif out.exists():
+        out.unlink()
+    n_chunks = (len(items) + chunk - 1) // chunk
+    bar = tqdm(total=len(items), initial=min(len(items), stats["chunks"] * chunk), desc="label",
+               disable=not progress, dynamic_ncols=True)
+    t0, spent0 = time.time(), 0
+    for c in range(stats["chunks"], n_chunks):
+        rng = random.Random(seed * 1_000_003 + c)
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + c)
+        pol = PolicyCompleter(model, tok, problems_path.parent, 0.3, 1.0, max_new_tokens, batch_size, gen)
+        part = items[c * chunk:(c + 1) * chunk]
+        texts = pol.sample(part, [""] * len(part), k_samples, temperature=1.0, top_p=0.95)
+        wrong, right = [], []                             # (item, steps, answer)
+        for it, ts in zip(part, texts):
+            seen = set()
+            for t in ts:
+                steps, ans = split_steps(t)
+                if any(STEP_TAG in x or ANSWER_MARK in x for x in steps):
+                    steps = []                            # a stray tag / answer mark inside a step
+                ok = is_equiv(extract_answer(t), str(it["answer"]), it.get("choices"))
+                stats["samples"] += 1
+                stats["sampled_correct"] += ok
+                if not steps or ans is None or t in seen:
+                    stats["unparsable"] += not steps or ans is None
+                    continue
+                seen.add(t)
+                (right if ok else wrong).append((it, steps, ans))
+        recs = []
+        res, spent = bel(pol, [(it, st) for it, st, _ in wrong], n_probe)
+        stats["bel_completions"] += spent
+        for (it, st, ans), r in zip(wrong, res):
+            stats["per_step_mc_equivalent"] += n_probe * len(st)
+            if r.unsolved:
+                stats["bel_unsolved"] += 1
+                continue
+            k = str(r.first_error)
+            stats["first_error_hist"][k] = stats["first_error_hist"].get(k, 0) + 1
+            recs.append(make_record(it, st, r.labels, ans, "bel", rid=f"{it['id']}-bel{len(recs)}"))
+        # per-step MC on the first wrong solutions, to compare cost and labels with BEL
+        todo = max(0, compare_mc - stats["compare"]["solutions"])
+        if todo and wrong:
+            sub = wrong[:todo]
+            mc, mc_spent = per_step_mc(pol, [(it, st) for it, st, _ in sub], n_probe)
+            cmp = stats["compare"]
+            cmp["solutions"] += len(sub)
+            cmp["mc_completions"] += mc_spent
+            cmp["bel_completions"] += sum(n_probe * r.probes for r in res[:len(sub)])
+            cmp["agree"] += sum(m.labels == r.labels for m, r in zip(mc, res[:len(sub)]))
+        n_correct = round(correct_ratio * len(wrong))
+        for it, st, ans in right[:n_correct]:
+            recs.append(correct_record(it, st, ans, rid=f"{it['id']}-ok{len(recs)}"))
+        solved = list({it["id"]: it for it, _, _ in right}.values()) or part
+        for j in range(round(mie_per_problem * len(part))):
+            it = solved[j % len(solved)]
+            prob = world.problem_from_id(it["id"])
+            recs.append(mie_record(it, prob.steps, lambda _: world.corrupt(prob, rng), rid=f"{it['id']}-mie{j}"))
+        for r in recs:
+            r["image"] = os.path.join(rel, r["image"])
+            r["problem_id"] = r["id"].rsplit("-", 1)[0]
+            validate_record(r, r["id"])
+            stats[r["source"]] += 1
+        with open(out, "a", encoding="utf-8") as f:
+            for r in recs:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        stats["chunks"], stats["bytes"], stats["problems"] = c + 1, out.stat().st_size, stats["problems"] + len(part)
+        tmp = prog_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(stats, indent=1))
+        tmp.replace(prog_path)
+        spent0 += pol.spent + len(part) * k_samples
+        bar.update(len(part))
+        bar.set_postfix(completions_s=f"{spent0 / max(time.time() - t0, 1e-9):.0f}")
+    bar.close()
+    return stats
+
+
+def format_label_stats(s: dict) -> str:
+    hist = " ".join(f"{k}:{v}" for k, v in sorted(s["first_error_hist"].items(), key=lambda kv: int(kv[0])))
+    cmp = s["compare"]
+    lines = [
+        f"problems {s['problems']}, samples {s['samples']} ({100 * s['sampled_correct'] / max(1, s['samples']):.1f}% correct, "
+        f"{s['unparsable']} unparsable)",
+        f"records: bel {s['bel']} (+{s['bel_unsolved']} dropped: question unsolved), mie {s['mie']}, correct {s['correct']}",
+        f"first-error step histogram (BEL): {hist}",
+        f"completions: BEL {s['bel_completions']} vs per-step MC on the same solutions {s['per_step_mc_equivalent']} "
+        f"({s['per_step_mc_equivalent'] / max(1, s['bel_completions']):.2f}x)",
+        f"measured side by side on {cmp['solutions']} solutions: BEL {cmp['bel_completions']} vs per-step MC "
+        f"{cmp['mc_completions']} completions; identical labels on {cmp['agree']}/{cmp['solutions']}"]
+    return "\n".join(lines)
+
+
 # ---- command line ----------------------------------------------------------------------------
 
 def cmd_world(args):
@@ -169,6 +355,18 @@ def cmd_world(args):
                       n_hard=args.n_hard, image_size=args.image_size, seed=args.seed, force=args.force)
     m = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     print(f"{out}: " + ", ".join(f"{k} {v}" for k, v in m["counts"].items()))
+
+
+def cmd_label(args):
+    from ursa.tokenizer import Tokenizer
+    from ursa.weights import load_model
+    run = Path(args.run)
+    model = load_model(run / "sft" / "model").eval()
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    stats = label_dualmath(model, tok, Path(args.data) / "cot_train.jsonl", run / "label",
+                           n_problems=args.n_problems, k_samples=args.k_samples, n_probe=args.n_probe,
+                           compare_mc=args.compare_mc, seed=args.seed)
+    print(format_label_stats(stats))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,7 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--force", action="store_true", help="overwrite an existing folder made with other arguments")
     w.set_defaults(func=cmd_world)
 
-    # `label` (DualMath: BEL + MIE with a policy) is added here by train-side code.
+    lb = sub.add_parser("label", help="DualMath: sample with the SFT policy, BEL on wrong solutions, MIE, correct")
+    lb.add_argument("--run", default="runs/toy", help="run folder with sft/model and tokenizer.json")
+    lb.add_argument("--data", default="data/toy", help="world folder (reads cot_train.jsonl)")
+    lb.add_argument("--n-problems", type=int, default=600, help="training problems to sample")
+    lb.add_argument("--k-samples", type=int, default=4, help="solutions sampled per problem (T=1.0, top-p 0.95)")
+    lb.add_argument("--n-probe", type=int, default=8, help="completions per BEL probe (T=0.3)")
+    lb.add_argument("--compare-mc", type=int, default=60, help="wrong solutions also labelled by per-step MC")
+    lb.add_argument("--seed", type=int, default=0)
+    lb.set_defaults(func=cmd_label)
     return p
 
 

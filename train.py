@@ -284,6 +284,24 @@ class Recipe:
     align: Opt = field(default_factory=lambda: Opt(steps=150, lr=1e-3, ckpt_every=50))
     sft: Opt = field(default_factory=lambda: Opt(steps=300, lr=1e-3, ckpt_every=100))
     train_vision_in_sft: bool = True
+    label: dict = field(default_factory=lambda: dict(n_problems=600, k_samples=4, n_probe=8, compare_mc=60))
+    prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02, ckpt_every=50))
+    prm_heldout: float = 0.1
+    bon_samples: int = 16
+    grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=5e-5, weight_decay=0.0, micro_batch=64,
+                                                  warmup_ratio=0.05, min_lr_ratio=1.0, log_every=1, ckpt_every=10))
+    grpo_reward: str = "ps"
+    grpo_group: int = 8
+    grpo_prompts: int = 16
+    grpo_temperature: float = 1.0
+    grpo_clip: float = 0.2
+    grpo_beta: float = 0.003
+    grpo_agg: str = "seq-mean"
+    grpo_scale_std: bool = True
+    grpo_filter_samples: int = 8
+    grpo_filter: bool = True         # drop prompts the SFT policy always / never solves
+    ps_gamma: float = 0.5
+    ps_rho: float = 0.3
     eval_samples: int = 8
     max_new_tokens: int = 96
 
@@ -293,7 +311,11 @@ def quick_recipe() -> Recipe:
     return Recipe(name="quick", data_dir="data/toy-quick", n_train=400, n_rl=64, n_test=48, n_hard=48,
                   vocab_size=400,
                   pretrain=Opt(steps=30, lr=2e-3, **small), align=Opt(steps=10, lr=1e-3, **small),
-                  sft=Opt(steps=30, lr=1e-3, **small), eval_samples=4)
+                  sft=Opt(steps=30, lr=1e-3, **small), eval_samples=4,
+                  label=dict(n_problems=32, k_samples=4, n_probe=4, compare_mc=8),
+                  prm=Opt(steps=10, lr=5e-4, **small), bon_samples=4,
+                  grpo=Opt(steps=4, lr=5e-5, batch_size=1, micro_batch=16, log_every=1, ckpt_every=1000),
+                  grpo_prompts=2, grpo_group=4, grpo_filter_samples=4)
 
 
 # =============================================================================================
@@ -416,22 +438,308 @@ def stage_sft(run, recipe, tok, stop_after=None, quiet=False):
 
 
 # =============================================================================================
+# Stage II: DualMath labelling and the PRM
+# =============================================================================================
+
+def stage_label(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=False):
+    """synth.py label with the SFT policy (BEL on wrong samples, MIE, correct), resumable."""
+    from synth import format_label_stats, label_dualmath
+    sd = run / "label"
+    if stage_done(sd):
+        return
+    model = load_model(run / "sft" / "model").eval()
+    L = recipe.label
+    stats = label_dualmath(model, tok, Path(recipe.data_dir) / "cot_train.jsonl", sd,
+                           n_problems=L["n_problems"], k_samples=L["k_samples"], n_probe=L["n_probe"],
+                           compare_mc=L["compare_mc"], max_new_tokens=recipe.max_new_tokens,
+                           progress=not quiet)
+    report = format_label_stats(stats)
+    if not quiet:
+        print(report)
+    (sd / "stats.txt").write_text(report + "\n")
+    (sd / "state.json").write_text(json.dumps({"done": True, **stats}, indent=1))
+
+
+class PRMData:
+    """DualMath records encoded for the PRM: user turn = <|image|> + instruction + question + the
+    solution with a tag after every step; labels at the tags (Eq. 4)."""
+
+    def __init__(self, records, tok: Tokenizer, cfg: ModelConfig, base: Path):
+        from ursa.prm import prm_user_text, tag_steps
+        self.records, self.labels, self.ids = records, [r["labels"] for r in records], []
+        for r in records:
+            user = prm_user_text(r["question"], tag_steps(r["steps"], r["answer"]))
+            self.ids.append(tok.encode_prompt(user, image=True, num_image_tokens=cfg.vision.num_tokens))
+        self.images = load_images_u8(records, base, cfg.vision)
+        self.tag_id = tok.tag_id
+
+    def __len__(self):
+        return len(self.ids)
+
+    def batch(self, idx, pad_id: int):
+        from ursa.prm import align_labels
+        b = collate([Example(self.ids[i], [0] * len(self.ids[i]), self.images[i].float() / 255.0) for i in idx], pad_id)
+        lab, mask = align_labels(b.input_ids, self.tag_id, [self.labels[i] for i in idx])
+        return b, lab, mask
+
+
+def split_by_problem(records, heldout_frac: float, seed: int = 0):
+    """Held-out split by problem id (a problem's records never straddle the split)."""
+    import hashlib
+    def h(pid):
+        return int(hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) / 2**32
+    pid = lambda r: r.get("problem_id", r["id"])
+    return ([r for r in records if h(pid(r)) >= heldout_frac], [r for r in records if h(pid(r)) < heldout_frac])
+
+
+@torch.no_grad()
+def prm_heldout_metrics(model, data: PRMData, pad_id: int, batch_size: int = 64) -> dict:
+    """Step accuracy at 0.5, ROC AUC, and first-error accuracy (by the first step below 0.5 and
+    by the lowest-scoring step) on records that have a wrong step."""
+    from ursa.prm import auc, batch_step_scores, first_error_hit
+    model.eval()
+    scores = []
+    for s in range(0, len(data), batch_size):
+        b, lab, mask = data.batch(list(range(s, min(len(data), s + batch_size))), pad_id)
+        v = model(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, logits=False, values=True).values
+        scores.extend(batch_step_scores(v.float(), mask))
+    flat_s = [x for sc in scores for x in sc]
+    flat_l = [y for sc, lab in zip(scores, data.labels) for y in lab[:len(sc)]]
+    hits_t = hits_m = n_err = 0
+    for sc, lab in zip(scores, data.labels):
+        if 0 in lab[:len(sc)]:
+            t, m = first_error_hit(sc, lab[:len(sc)])
+            hits_t += t
+            hits_m += bool(m)
+            n_err += 1
+    model.train()
+    return {"step_acc": sum((x >= 0.5) == bool(y) for x, y in zip(flat_s, flat_l)) / max(1, len(flat_s)),
+            "auc": auc(flat_s, flat_l), "first_error_acc": hits_t / max(1, n_err),
+            "first_error_acc_min": hits_m / max(1, n_err), "steps": len(flat_s), "solutions": len(scores)}
+
+
+def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=False):
+    """Stage II PRM: SFT weights + a value head (dropout 0.1 -> Linear(H, 1)); BCE at the step tags
+    (Eq. 4); the LLM and the head train, the vision tower and projector are frozen (paper)."""
+    from ursa.prm import prm_loss
+    sd = run / "prm"
+    if stage_done(sd):
+        return
+    recs = read_jsonl(run / "label" / "dualmath.jsonl", required=("question", "steps", "labels", "answer", "image"))
+    train_recs, held = split_by_problem(recs, recipe.prm_heldout)
+    if not train_recs:
+        raise ValueError(f"{run / 'label' / 'dualmath.jsonl'}: no training records for the PRM")
+    model = load_model(run / "sft" / "model", value_head=True)
+    train_data = PRMData(train_recs, tok, model.cfg, run / "label")
+    held_data = PRMData(held, tok, model.cfg, run / "label")
+    set_trainable(model, ("language_model", "score"))
+    opt = recipe.prm
+    torch.manual_seed(opt.seed)
+
+    def step_fn(step):
+        b, lab, mask = train_data.batch(order(len(train_data), step, opt.batch_size, opt.seed), tok.pad_id)
+        n_tags = int(mask.sum())                      # the whole step's tags, before micro-batching
+        tot, acc = 0.0, 0.0
+        for s in range(0, b.input_ids.shape[0], opt.micro_batch):
+            sl = slice(s, s + opt.micro_batch)
+            with autocast(opt):
+                v = model(b.input_ids[sl], b.pixel_values[sl], attention_mask=b.attention_mask[sl],
+                          logits=False, values=True).values
+            loss, m = prm_loss(v.float(), lab[sl], mask[sl], num_tags=n_tags)
+            loss.backward()
+            tot += loss.item()
+            acc += m["step_acc"] * int(mask[sl].sum())
+        return {"loss": tot, "step_acc": acc / max(1, n_tags), "tokens": int(b.attention_mask.sum())}
+
+    if train_loop(sd, "prm", {"model": model}, opt, step_fn, stop_after=stop_after, quiet=quiet):
+        met = prm_heldout_metrics(model, held_data, tok.pad_id)
+        if not quiet and held:
+            print(f"[prm] held-out: step acc {met['step_acc']:.3f} | AUC {met['auc']:.3f} | first-error acc "
+                  f"{met['first_error_acc']:.3f} (lowest step {met['first_error_acc_min']:.3f}) | "
+                  f"{met['steps']} steps in {met['solutions']} solutions")
+        write_result(sd, model, {"stage": "prm", "heldout": met, "train_records": len(train_recs)})
+
+
+# =============================================================================================
+# Stage III: GRPO with the process-supervised reward (PS-GRPO)
+# =============================================================================================
+
+def rl_prompts(run: Path, recipe: Recipe, tok: Tokenizer, quiet=False) -> list:
+    """RL prompts the SFT policy neither always solves nor always fails (8 samples each, as the
+    paper's 20K -> 15.3K filter). Cached in runs/<name>/rl_prompts.json (shared by every variant)."""
+    import eval as ev
+    path = run / "rl_prompts.json"
+    recs = ev.load_problems(Path(recipe.data_dir) / "rl.jsonl")
+    if not recipe.grpo_filter:
+        return recs
+    if path.exists():
+        keep = set(json.loads(path.read_text())["keep"])
+        return [r for r in recs if r["id"] in keep]
+    policy = load_model(run / "sft" / "model").eval()
+    res = ev.evaluate(policy, tok, recs, Path(recipe.data_dir), n=recipe.grpo_filter_samples, temperature=1.0,
+                      max_new_tokens=recipe.max_new_tokens, seed=1234, quiet=quiet)
+    keep = [r["id"] for r, c in zip(recs, res["correct"]) if 0 < sum(c) < len(c)]
+    info = {"candidates": len(recs), "keep": keep,
+            "all_correct": sum(all(c) for c in res["correct"]), "all_wrong": sum(not any(c) for c in res["correct"])}
+    path.write_text(json.dumps(info))
+    if not quiet:
+        print(f"[grpo] RL prompts: {len(keep)} of {len(recs)} kept ({info['all_correct']} always right, "
+              f"{info['all_wrong']} always wrong dropped)")
+    return [r for r in recs if r["id"] in set(keep)]
+
+
+def token_step_index(tok: Tokenizer, tokens: list, n_scores: int) -> list:
+    """For Variant 2: the step (0-based) each response token belongs to, -1 for tokens after the
+    last scored step (the answer line) and for the stop token."""
+    from ursa.prm import split_steps
+    text, starts = "", []
+    for t in tokens:
+        starts.append(len(text))
+        text += tok.decode([t])
+    steps, _ = split_steps(text)
+    spans, pos = [], 0
+    for st in steps:
+        b = text.find(st, pos)
+        spans.append((b, b + len(st)))
+        pos = b + len(st)
+    out = []
+    for c in starts:
+        k = next((i for i, (b, e) in enumerate(spans) if c < e), len(spans))
+        out.append(k if k < n_scores else -1)
+    return out
+
+
+def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=False,
+               reward: Optional[str] = None, out_name: str = "grpo"):
+    """PS-GRPO (Eq. 5-8): G rollouts per prompt from the current policy, split into steps, scored by
+    the PRM; reward outcome | ps | v1 | v2; group-relative advantages; clipped surrogate + beta * k3 KL
+    to the SFT reference. Rollouts of step k are sampled with a generator seeded by k, so a resumed
+    run samples exactly what the uninterrupted one would."""
+    import eval as ev
+    from ursa.generate import generate
+    from ursa.grpo import (completion_mask, drop_moment, group_advantages, outcome_reward,
+                           policy_loss, ps_reward, token_logprobs, variant1_reward, variant2_advantages)
+    from ursa.prm import split_steps
+    reward = reward or recipe.grpo_reward
+    sd = run / out_name
+    if stage_done(sd):
+        return
+    G, B, opt = recipe.grpo_group, recipe.grpo_prompts, recipe.grpo
+    prompts_recs = rl_prompts(run, recipe, tok, quiet)
+    if not prompts_recs:
+        raise ValueError("no RL prompt left after filtering (the SFT policy solves all or none)")
+    base = Path(recipe.data_dir)
+    policy = load_model(run / "sft" / "model")
+    ref = load_model(run / "sft" / "model").eval()
+    prm = load_model(run / "prm" / "model").eval()
+    scorer = ev.PRMScorer(prm, tok, base)
+    for p in list(ref.parameters()) + list(prm.parameters()):
+        p.requires_grad = False
+    set_trainable(policy, ("aligner", "language_model"))
+    px_all = ev.problem_pixels(prompts_recs, base, policy.cfg.vision)
+    prompt_ids = ev.prompts_for(prompts_recs, tok, policy.cfg)
+    T = recipe.grpo_temperature
+
+    def step_fn(step):
+        t0 = time.time()
+        idx = order(len(prompts_recs), step, B, opt.seed)
+        recs = [prompts_recs[i] for i in idx]
+        px = px_all[idx]
+        g = generate(policy, [prompt_ids[i] for i in idx], px, num_samples=G, max_new_tokens=recipe.max_new_tokens,
+                     temperature=T, top_p=1.0, stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id,
+                     generator=torch.Generator().manual_seed(opt.seed * 1_000_003 + step))
+        R = B * G
+        texts = [tok.decode(g.row(i)) for i in range(R)]
+        correct = torch.tensor([ev.judge(recs[i // G], texts[i])[1] for i in range(R)])
+        resp = [[texts[b * G + j] for j in range(G)] for b in range(B)]
+        scores = [s for grp in scorer.score_responses(recs, resp, px) for s in grp]   # R lists
+        t_sample = time.time() - t0
+        # rewards and advantages (Eq. 6-7, Appendix B.1)
+        adv_tok = None
+        if reward == "outcome":
+            rw = outcome_reward(correct)
+        elif reward == "ps":
+            rw = ps_reward(correct, scores, gamma=recipe.ps_gamma, rho=recipe.ps_rho)
+        elif reward == "v1":
+            rw = variant1_reward(correct, scores)
+        elif reward == "v2":
+            rw = outcome_reward(correct)
+        else:
+            raise ValueError(f"unknown reward {reward!r}: outcome | ps | v1 | v2")
+        adv = group_advantages(rw.view(B, G), scale_std=recipe.grpo_scale_std).view(R)   # [R]
+        # training sequences: prompt + response (right padded); targets are the response tokens
+        seqs = [prompt_ids[idx[i // G]] + g.row(i) for i in range(R)]
+        Tm = max(map(len, seqs))
+        ids = torch.full((R, Tm), tok.pad_id, dtype=torch.long)
+        am = torch.zeros((R, Tm), dtype=torch.long)
+        tmask = torch.zeros((R, Tm), dtype=torch.bool)                    # target positions (response)
+        for i, sq in enumerate(seqs):
+            P = len(prompt_ids[idx[i // G]])
+            ids[i, :len(sq)] = torch.tensor(sq)
+            am[i, :len(sq)] = 1
+            tmask[i, P:len(sq)] = True                                     # up to and incl. the stop token
+        if reward == "v2":
+            steps_idx = torch.full((R, Tm), -1, dtype=torch.long)
+            for i in range(R):
+                P = len(prompt_ids[idx[i // G]])
+                ti = token_step_index(tok, g.row(i), len(scores[i]))
+                steps_idx[i, P:P + len(ti)] = torch.tensor(ti, dtype=torch.long)
+            adv_tok = torch.cat([variant2_advantages(correct[b * G:(b + 1) * G], scores[b * G:(b + 1) * G],
+                                                     steps_idx[b * G:(b + 1) * G, 1:], scale_std=recipe.grpo_scale_std)
+                                 for b in range(B)])                       # [R, Tm-1]
+        mask = tmask[:, 1:]                                                # aligned with targets ids[:, 1:]
+        n_tok = int(mask.sum())
+        stats = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+        total = 0.0
+        for s in range(0, R, opt.micro_batch):
+            sl = slice(s, s + opt.micro_batch)
+            with torch.no_grad(), autocast(opt):
+                ref_logits = ref(ids[sl], px[torch.arange(R)[sl] // G], attention_mask=am[sl]).logits
+            ref_lp = token_logprobs(ref_logits[:, :-1].float(), ids[sl, 1:], T)
+            with autocast(opt):
+                logits = policy(ids[sl], px[torch.arange(R)[sl] // G], attention_mask=am[sl]).logits
+            lp = token_logprobs(logits[:, :-1].float(), ids[sl, 1:], T)
+            a = adv_tok[sl] if adv_tok is not None else adv[sl]
+            loss, m = policy_loss(lp, lp.detach(), a, mask[sl], ref_logp=ref_lp, clip_eps=recipe.grpo_clip,
+                                  beta=recipe.grpo_beta, agg=recipe.grpo_agg, num_tokens=n_tok, num_seqs=R,
+                                  constant=R * recipe.max_new_tokens)
+            loss.backward()
+            total += loss.item()
+            w = int(mask[sl].sum()) / max(1, n_tok)
+            for k in stats:
+                stats[k] += m.get(k, 0.0) * w
+        deltas = [drop_moment(sc) for sc, c in zip(scores, correct.tolist()) if c]
+        n_steps = [len(split_steps(t)[0]) for t in texts]
+        return {"loss": total, "reward": rw.mean().item(), "acc": correct.float().mean().item(),
+                "resp_len": float(g.lengths.float().mean()), "n_steps": sum(n_steps) / R,
+                "drop_rate": sum(d >= recipe.ps_rho for d in deltas) / max(1, len(deltas)),
+                "kl": stats["kl"], "clip_frac": stats["clip_frac"], "sample_s": t_sample,
+                "tokens": int(am.sum())}
+
+    if train_loop(sd, f"grpo-{reward}", {"model": policy}, opt, step_fn, stop_after=stop_after, quiet=quiet):
+        write_result(sd, policy, {"stage": "grpo", "reward": reward})
+
+
+# =============================================================================================
 # The recipe
 # =============================================================================================
 
-STAGES = ("pretrain", "align", "sft")
+STAGES = ("pretrain", "align", "sft", "label", "prm", "grpo")
 
 
 def run_stage(name: str, run: Path, recipe: Recipe, stop_after=None, quiet=False):
     data_dir = ensure_world(recipe)
     tok = ensure_tokenizer(run, data_dir, recipe.vocab_size)
-    fn = {"pretrain": stage_pretrain, "align": stage_align, "sft": stage_sft}[name]
+    fn = {"pretrain": stage_pretrain, "align": stage_align, "sft": stage_sft, "label": stage_label,
+          "prm": stage_prm, "grpo": stage_grpo}[name]
     t = time.time()
     fn(run, recipe, tok, stop_after=stop_after, quiet=quiet)
     return time.time() - t
 
 
 def run_all(recipe: Recipe, quiet=False) -> dict:
+    """Synthesise the world if needed, run every stage (skipping finished ones), evaluate, print
+    the results table (also written to runs/<name>/results.md and results.json)."""
     import eval as evaluate
     run = Path("runs") / recipe.name
     times = {}
@@ -440,15 +748,36 @@ def run_all(recipe: Recipe, quiet=False) -> dict:
     times["world"] = time.time() - t0
     for s in STAGES:
         times[s] = run_stage(s, run, recipe, quiet=quiet)
-    results = evaluate.recipe_table(run, recipe, times, quiet=quiet)
-    return results
+    return evaluate.recipe_table(run, recipe, times, quiet=quiet)
+
+
+REWARDS = ("outcome", "ps", "v1", "v2")
+
+
+def run_ablation(recipe: Recipe, rewards=REWARDS, quiet=False) -> dict:
+    """SFT vs GRPO (outcome) vs PS-GRPO vs Variant 1 vs Variant 2, same seeds, prompts and budget:
+    each variant trains into runs/<name>/grpo-<reward>/ from the same SFT and PRM."""
+    import eval as evaluate
+    run = Path("runs") / recipe.name
+    for s in STAGES[:-1]:
+        run_stage(s, run, recipe, quiet=quiet)
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    times = {}
+    for r in rewards:
+        t = time.time()
+        stage_grpo(run, recipe, tok, quiet=quiet, reward=r, out_name=f"grpo-{r}")
+        times[r] = time.time() - t
+    return evaluate.ablation_table(run, recipe, rewards, times, quiet=quiet)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("stage", nargs="?", default="all", choices=("all",) + STAGES,
-                   help="the stage to run (default: the whole recipe)")
+    p.add_argument("stage", nargs="?", default="all", choices=("all", "ablation") + STAGES,
+                   help="the stage to run (default: the whole recipe; ablation: every GRPO reward)")
+    p.add_argument("--reward", choices=REWARDS, default=None,
+                   help="grpo reward: outcome (GRPO), ps (PS-GRPO, default), v1, v2 (Appendix B.1)")
+    p.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO step budget")
     p.add_argument("--quick", action="store_true", help="smoke-size recipe (about a minute)")
     p.add_argument("--run", default=None, help="run directory (default runs/toy or runs/quick)")
     p.add_argument("--stop-after", type=int, default=None,
@@ -460,8 +789,14 @@ def main(argv=None):
     recipe = quick_recipe() if args.quick else Recipe()
     if args.run:
         recipe.name = Path(args.run).name
+    if args.grpo_steps:
+        recipe.grpo.steps = args.grpo_steps
+    if args.reward:
+        recipe.grpo_reward = args.reward
     if args.stage == "all":
         run_all(recipe)
+    elif args.stage == "ablation":
+        run_ablation(recipe)
     else:
         run = Path(args.run) if args.run else Path("runs") / recipe.name
         run_stage(args.stage, run, recipe, stop_after=args.stop_after)

@@ -9,6 +9,8 @@ file loads with the identity map. Hugging Face layouts of the parts map onto the
     SiglipVisionModel   vision_model.embeddings / encoder.layers.N / post_layernorm
                         -> timm names (patch_embed.proj, pos_embed, blocks.N.attn.qkv, ..., norm),
                         q/k/v concatenated into qkv.
+lm_config_from_hf / vit_config_from_hf map those parts' config.json dicts onto LMConfig / ViTConfig
+(tests/test_parity.py checks all four maps against outputs of the transformers models).
 
 Loading is strict: every expected tensor found, every file tensor used, every shape equal; anything
 else raises one error that names the tensors. Writes go to a temporary name and are renamed, so a
@@ -26,7 +28,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ursa.config import ModelConfig
+from ursa.config import LMConfig, ModelConfig, ViTConfig
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -134,6 +136,84 @@ def hf_qwen2_name(name: str) -> str:
     raise CheckpointError(f"not a Qwen2ForCausalLM tensor name: {name}")
 
 
+def _hf_field(d: dict, key: str, where: str):
+    if key not in d or d[key] is None:
+        raise CheckpointError(f"{where}: missing field \"{key}\"")
+    return d[key]
+
+
+def lm_config_from_hf(d: dict, where: str = "Qwen2 config") -> LMConfig:
+    """A Hugging Face Qwen2 config.json dict (Qwen2ForCausalLM) -> LMConfig.
+
+    Reads RoPE's theta from `rope_theta` (transformers 4.x files, the released Qwen2.5 ones) or
+    `rope_parameters.rope_theta` (transformers 5.x). What this decoder does not implement (another
+    activation, RoPE scaling, sliding-window attention, a head_dim other than hidden / heads) is an
+    error naming the field, never silently ignored."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    mt = d.get("model_type", "qwen2")
+    if mt != "qwen2":
+        raise CheckpointError(f"{where}: model_type {mt!r} is not 'qwen2'")
+    act = d.get("hidden_act", "silu")
+    if act != "silu":
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported (Qwen2 uses 'silu')")
+    if d.get("use_sliding_window"):
+        raise CheckpointError(f"{where}: use_sliding_window true is not supported")
+    rope = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    for k, r in (("rope_parameters", rope), ("rope_scaling", scaling)):
+        kind = r.get("rope_type", r.get("type", "default"))
+        if kind != "default":
+            raise CheckpointError(f"{where}: {k}.rope_type {kind!r} is not supported (only 'default')")
+    theta = d.get("rope_theta", rope.get("rope_theta"))
+    if theta is None:
+        raise CheckpointError(f"{where}: missing field \"rope_theta\" (or rope_parameters.rope_theta)")
+    hidden, heads = int(_hf_field(d, "hidden_size", where)), int(_hf_field(d, "num_attention_heads", where))
+    kv = d.get("num_key_value_heads") or heads
+    if d.get("head_dim") is not None and int(d["head_dim"]) * heads != hidden:
+        raise CheckpointError(f"{where}: head_dim {d['head_dim']} != hidden_size {hidden} / "
+                              f"num_attention_heads {heads} (not supported)")
+    return LMConfig(vocab_size=int(_hf_field(d, "vocab_size", where)), hidden_size=hidden,
+                    intermediate_size=int(_hf_field(d, "intermediate_size", where)),
+                    num_layers=int(_hf_field(d, "num_hidden_layers", where)), num_heads=heads,
+                    num_kv_heads=int(kv), rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                    rope_theta=float(theta),
+                    max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
+                    tie_word_embeddings=bool(d.get("tie_word_embeddings", False)))
+
+
+_HF_GELU = {"gelu_pytorch_tanh": "tanh", "gelu_new": "tanh", "gelu": "erf"}
+
+
+def vit_config_from_hf(d: dict, where: str = "SigLIP config") -> ViTConfig:
+    """A Hugging Face SiglipVisionConfig dict (or a SiglipConfig holding "vision_config") -> ViTConfig.
+
+    The HF pooling head (`head.*`, vision_use_head) has another layout than timm's attn_pool; it is
+    dropped on load (hf_siglip_to_timm), so attn_pool is False. image_mean / image_std live in the
+    preprocessor config, not here: the defaults (0.5, SigLIP's) are kept."""
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{where}: expected a JSON object, got {type(d).__name__}")
+    if "vision_config" in d:
+        d, where = d["vision_config"], where + ".vision_config"
+    mt = d.get("model_type", "siglip_vision_model")
+    if mt != "siglip_vision_model":
+        raise CheckpointError(f"{where}: model_type {mt!r} is not 'siglip_vision_model'")
+    act = d.get("hidden_act", "gelu_pytorch_tanh")
+    if act not in _HF_GELU:
+        raise CheckpointError(f"{where}: hidden_act {act!r} is not supported "
+                              f"(one of {', '.join(_HF_GELU)})")
+    if int(d.get("num_channels", 3)) != 3:
+        raise CheckpointError(f"{where}: num_channels {d['num_channels']} is not 3")
+    return ViTConfig(image_size=int(_hf_field(d, "image_size", where)),
+                     patch_size=int(_hf_field(d, "patch_size", where)),
+                     hidden_size=int(_hf_field(d, "hidden_size", where)),
+                     intermediate_size=int(_hf_field(d, "intermediate_size", where)),
+                     num_layers=int(_hf_field(d, "num_hidden_layers", where)),
+                     num_heads=int(_hf_field(d, "num_attention_heads", where)),
+                     layer_norm_eps=float(d.get("layer_norm_eps", 1e-6)),
+                     gelu=_HF_GELU[act], attn_pool=False)
+
+
 def load_model_weights(model: torch.nn.Module, path, name_fn: Callable[[str], str] = lambda n: n,
                        prefix_filter: Optional[str] = None, dtype: Optional[torch.dtype] = None):
     """Strictly load safetensors file(s) at `path` into `model`, streaming shard by shard.
@@ -156,7 +236,7 @@ def load_model_weights(model: torch.nn.Module, path, name_fn: Callable[[str], st
 def load_hf_siglip(model, path):
     """Load a Hugging Face SiglipVisionModel file into the siglip tower (kind "siglip")."""
     files = safetensors_files(Path(path))
-    sd = dict(stream_tensors(files))
+    sd = hf_siglip_prefixed(dict(stream_tensors(files)))
     native = hf_siglip_to_timm(sd, prefix="vision_model.vision_tower.")
     own = model.state_dict()
     expected = {n: tuple(t.shape) for n, t in own.items() if n.startswith("vision_model.vision_tower.")}
@@ -165,6 +245,15 @@ def load_hf_siglip(model, path):
         for n, t in native.items():
             own[n].copy_(t)
     return model
+
+
+def hf_siglip_prefixed(sd: dict) -> dict:
+    """Released SigLIP files (and transformers 4.x) name SiglipVisionModel tensors `vision_model.*`;
+    transformers 5.x saves the same model without that prefix (`embeddings.*`, `encoder.layers.N.*`,
+    `post_layernorm.*`). Add the prefix to an unprefixed file so both layouts map the same way."""
+    if any(n.startswith("vision_model.") for n in sd):
+        return sd
+    return {"vision_model." + n: t for n, t in sd.items()}
 
 
 def hf_siglip_to_timm(sd: dict, prefix: str = "") -> dict:

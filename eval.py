@@ -6,6 +6,13 @@ or a benchmark file; rescoring of saved responses.
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --prm runs/toy/prm/model
     python eval.py --rescore responses.jsonl --benchmark mathvista                 # no model needed
 
+Released models on a benchmark file (Hugging Face layout directories, see docs/released_models.md):
+
+    python eval.py --model URSA-8B --benchmark mathvista --data testmini.json --image-root DIR \
+                   --out responses.jsonl --dtype bf16 --device cuda
+    python eval.py --model URSA-8B --prm URSA-RM-8B --n 8 --temperature 1.0 --benchmark mathvista \
+                   --data testmini.json --image-root DIR --out bon.jsonl --dtype bf16 --device cuda
+
 Accuracy is printed with a 95% Wilson interval. Responses are written as JSONL records
 {"id", "response", "extracted", "correct", ...} (DESIGN.md's response record).
 """
@@ -118,43 +125,50 @@ def _table(rows) -> str:
 
 
 def recipe_table(run: Path, recipe, times: dict, quiet: bool = False) -> dict:
-    """Evaluate each stage's model on the toy test / hard sets and print the results table."""
+    """Evaluate each stage's policy on the toy test / hard sets and print the results table.
+
+    Per policy: greedy on test and hard; N = recipe.bon_samples samples per test problem at T = 1.0,
+    which give maj@N, the single-sample accuracy and (with the PRM) best-of-N for N = 1, 2, 4, ...;
+    the SFT policy also with blank and shuffled images (does the image matter?)."""
     data = Path(recipe.data_dir)
     tok = Tokenizer.from_file(run / "tokenizer.json")
     test = load_problems(data / "test.jsonl")
     hard = load_problems(data / "test_hard.jsonl")
-    mx = recipe.max_new_tokens
-    rows, res = [("model", "toy test", "hard test")], {"times_s": {k: round(v, 1) for k, v in times.items()}}
+    mx, N = recipe.max_new_tokens, recipe.bon_samples
+    rows, res = [("policy", "toy test", "hard test")], {"times_s": {k: round(v, 1) for k, v in times.items()}}
     t0 = time.time()
-    N = recipe.eval_samples
-    greedy = {}
-    for stage in ("align", "sft", "grpo"):
+    prm = load_model(run / "prm" / "model").eval() if (run / "prm" / "model").exists() else None
+    extra = []
+    for stage, label in (("align", "align"), ("sft", "SFT"), ("grpo", "PS-GRPO")):
         d = run / stage / "model"
         if not d.exists():
             continue
         model = load_model(d).eval()
         r_t = evaluate(model, tok, test, data, max_new_tokens=mx, quiet=quiet)
         r_h = evaluate(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
-        greedy[stage] = r_t
-        label = {"grpo": "PS-GRPO"}.get(stage, stage)
         res[stage] = {"test_greedy": r_t["first"] / r_t["n"], "hard_greedy": r_h["first"] / r_h["n"]}
         rows.append((f"{label} greedy", fmt_acc(r_t["first"], r_t["n"]), fmt_acc(r_h["first"], r_h["n"])))
         write_responses(run / stage / "test_greedy.jsonl", test, r_t)
         if stage == "align":
             continue
-        m_t = evaluate(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, quiet=quiet)
-        m_h = evaluate(model, tok, hard, data, n=N, temperature=1.0, max_new_tokens=mx, quiet=quiet)
-        res[stage].update({f"test_maj@{N}": m_t["maj"] / m_t["n"], f"hard_maj@{N}": m_h["maj"] / m_h["n"],
-                           "test_sample_acc_T1": m_t["sample_acc"], "hard_sample_acc_T1": m_h["sample_acc"]})
-        rows.append((f"{label} maj@{N} (T=1.0)", fmt_acc(m_t["maj"], m_t["n"]), fmt_acc(m_h["maj"], m_h["n"])))
-        rows.append((f"{label} one sample (T=1.0)", f"{100 * m_t['sample_acc']:.1f}%", f"{100 * m_h['sample_acc']:.1f}%"))
+        if prm is not None:
+            table, bon, s, _ = prm_eval(model, prm, tok, test, data, n=N, max_new_tokens=mx, quiet=quiet, greedy=r_t)
+            res[f"{stage}_best_of_n"] = bon
+            extra.append(f"{label} policy + PRM on the toy test (N samples at T=1.0; accuracy %):\n{table}")
+        else:
+            s = evaluate(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, quiet=quiet)
+        res[stage].update({f"test_maj@{N}": s["maj"] / s["n"], "test_sample_acc_T1": s["sample_acc"]})
+        rows.append((f"{label} maj@{N} (T=1.0)", fmt_acc(s["maj"], s["n"]), "-"))
+        rows.append((f"{label} one sample (T=1.0)", f"{100 * s['sample_acc']:.1f}%", "-"))
+        if prm is not None:
+            b = bon[max(bon)]
+            rows.append((f"{label} + PRM best-of-{max(bon)} (mean)", f"{100 * b['mean']:.1f}%", "-"))
         if stage == "sft":
             for mode in ("blank", "shuffled"):
                 b_t = evaluate(model, tok, test, data, image_mode=mode, max_new_tokens=mx, quiet=quiet)
                 res["sft"][f"test_greedy_{mode}_images"] = b_t["first"] / b_t["n"]
-                rows.append((f"sft greedy, {mode} images", fmt_acc(b_t["first"], b_t["n"]), "-"))
+                rows.append((f"SFT greedy, {mode} images", fmt_acc(b_t["first"], b_t["n"]), "-"))
     out = [_table(rows)]
-    # Stage II: labels, PRM held-out quality, best-of-N in the shape of the paper's Table 2
     if (run / "label" / "stats.txt").exists():
         out.append("DualMath labelling (synth.py label):\n" + (run / "label" / "stats.txt").read_text().strip())
     if (run / "prm" / "state.json").exists():
@@ -163,16 +177,7 @@ def recipe_table(run: Path, recipe, times: dict, quiet: bool = False) -> dict:
         out.append(f"PRM held-out: step accuracy {100 * h['step_acc']:.1f}%, AUC {h['auc']:.3f}, first-error "
                    f"accuracy {100 * h['first_error_acc']:.1f}% (lowest-scoring step {100 * h['first_error_acc_min']:.1f}%) "
                    f"on {h['steps']} steps / {h['solutions']} solutions")
-        prm = load_model(run / "prm" / "model").eval()
-        for stage in ("sft", "grpo"):
-            if stage not in greedy:
-                continue
-            policy = load_model(run / stage / "model").eval()
-            table, bon, _, _ = prm_eval(policy, prm, tok, test, data, n=recipe.bon_samples, max_new_tokens=mx,
-                                        quiet=quiet, greedy=greedy[stage])
-            res[f"{stage}_best_of_n"] = bon
-            out.append(f"{'SFT' if stage == 'sft' else 'PS-GRPO'} policy + PRM on the toy test "
-                       f"(T=1.0 samples; accuracy %):\n{table}")
+    out += extra
     times["eval"] = time.time() - t0
     res["times_s"]["eval"] = round(times["eval"], 1)
     out.append("wall time (s, this run): " + ", ".join(f"{k} {v:.0f}" for k, v in times.items()))
@@ -240,6 +245,13 @@ def main(argv=None):
     p.add_argument("--rescore", help="score an existing responses file without a model")
     p.add_argument("--benchmark", help="benchmark of the rescored file (mathvista, mathverse, mathvision, "
                                        "dynamath, wemath, geoqa)")
+    p.add_argument("--prm", help="PRM model directory: adds PRM best-of-N (toy: N = 1, 2, 4, ..., --n)")
+    p.add_argument("--how", default="mean", choices=("min", "mean", "last", "product"),
+                   help="best-of-N aggregation of the step scores (benchmark mode)")
+    p.add_argument("--image-root", help="folder the benchmark records' image paths are relative to")
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"), help="released-model weights dtype")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--preset", default="ursa-8b", help="architecture preset a released config.json falls back on")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.rescore:
@@ -250,6 +262,8 @@ def main(argv=None):
         return
     if not (args.model and args.data):
         p.error("give --model and --data (or --rescore FILE --benchmark NAME)")
+    if args.benchmark:
+        return run_released_benchmark(args, p)
     model = load_model(args.model).eval()
     tok = Tokenizer.from_file(args.tokenizer or Path(args.model).parent.parent / "tokenizer.json")
     recs = load_problems(args.data)
@@ -260,11 +274,37 @@ def main(argv=None):
     print(f"greedy      {fmt_acc(g['first'], g['n'])}   ({args.data}, {mode} images)")
     if args.out:
         write_responses(args.out, recs, g)
-    if args.n > 1:
+    if args.prm:
+        prm = load_model(args.prm).eval()
+        table, _, _, _ = prm_eval(model, prm, tok, recs, base, n=max(1, args.n), max_new_tokens=args.max_new_tokens,
+                                  seed=args.seed, greedy=g)
+        print(table)
+    elif args.n > 1:
         s = evaluate(model, tok, recs, base, n=args.n, temperature=args.temperature,
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                      image_mode=mode)
         print(f"maj@{args.n:<7} {fmt_acc(s['maj'], s['n'])}   single sample {100 * s['sample_acc']:.1f}%")
+
+
+def run_released_benchmark(args, p):
+    """A released URSA model (Hugging Face layout) on a benchmark file, optionally with URSA-RM-8B
+    best-of-N; writes the responses and prints the rule-based score."""
+    from ursa.benchmarks import format_report, read_records, rescore
+    from ursa.release import DTYPES, best_of_n_with_prm, load_released, run_benchmark
+    if not args.out:
+        p.error("--benchmark needs --out (the responses file to write)")
+    model, tok = load_released(args.model, dtype=DTYPES[args.dtype], device=args.device, preset=args.preset)
+    n = max(1, args.n) if args.prm else 1
+    recs = run_benchmark(model, tok, read_records(args.data), args.benchmark, args.image_root or Path(args.data).parent,
+                         n=n, temperature=args.temperature if n > 1 else 0.0, max_new_tokens=args.max_new_tokens,
+                         batch_size=args.batch_size, seed=args.seed, progress=True)
+    if args.prm:
+        del model
+        rm, rtok = load_released(args.prm, dtype=DTYPES[args.dtype], device=args.device, preset=args.preset)
+        recs = best_of_n_with_prm(rm, rtok, recs, None, args.how, benchmark=args.benchmark,
+                                  image_root=args.image_root or Path(args.data).parent, batch_size=args.batch_size)
+    write_jsonl_atomic(args.out, recs)
+    print(format_report(rescore(args.out, args.benchmark)))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@
     python train.py --quick                  # the same at smoke size (about a minute)
     python train.py sft --run runs/toy       # one stage (reads the previous stage's directory)
     python train.py sft --run runs/toy --stop-after 20   # stop early with a checkpoint; rerun resumes
+    OMP_NUM_THREADS=1 torchrun --standalone --nproc_per_node=2 train.py sft --quick --fsdp --threads 1
+                                             # FSDP2 over 2 CPU processes (docs/scale_out.md: GPUs)
 
 Stages write runs/<name>/<stage>/: config.json + model.safetensors (the result), metrics.jsonl (one
 line per logged step), state.json, and resume/ (optimizer, RNG, step) while the stage is running.
@@ -16,6 +18,7 @@ so micro-batching never changes the gradient (DESIGN.md conventions).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import random
@@ -78,7 +81,76 @@ def make_optimizer(params, opt: Opt):
 
 
 def autocast(opt: Opt, device="cpu"):
+    if DIST is not None:            # FSDP's MixedPrecisionPolicy already computes in bf16 (opt.bf16)
+        return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=opt.bf16)
+
+
+# =============================================================================================
+# Scale-out (--fsdp): ursa/dist.py under torchrun; every helper is a no-op in one process
+# =============================================================================================
+
+DIST = None                    # ursa.dist.DistInfo under --fsdp (set by main), else None
+FSDP = {"activation_checkpointing": True, "no_sync": True}
+
+
+def is_main() -> bool:
+    return DIST is None or DIST.is_main
+
+
+def to_dev(*tensors):
+    """Move batch tensors to this rank's device (CPU in one process)."""
+    dev = DIST.device if DIST is not None else torch.device("cpu")
+    return [None if t is None else t.to(dev) for t in tensors]
+
+
+def stage_model(model_dir, value_head=None, bf16: bool = True):
+    """A stage's starting model: load_model in one process; sharded with FSDP2 under --fsdp
+    (bf16 mixed precision when the stage's opt.bf16)."""
+    if DIST is None:
+        return load_model(model_dir, value_head=value_head)
+    from ursa import dist
+    from ursa.weights import read_config
+    cfg = read_config(model_dir)
+    if value_head is not None:
+        cfg.value_head = value_head
+    return dist.build_fsdp_model(cfg, model_dir, mixed_precision=bf16,
+                                 activation_checkpointing=FSDP["activation_checkpointing"])
+
+
+def my_rows(idx: list) -> list:
+    """This rank's contiguous share of the optimizer step's global rows (all of them in one process)."""
+    if DIST is None:
+        return idx
+    from ursa import dist
+    return dist.rank_indices(idx, DIST.rank, DIST.world_size)
+
+
+def global_count(n: int) -> int:
+    """Targets / tags of the whole optimizer step: summed over ranks under --fsdp."""
+    if DIST is None:
+        return int(n)
+    from ursa import dist
+    return dist.global_count(n)
+
+
+def micro_batches(model, items):
+    """The micro-batch loop; under --fsdp gradients are reduce-scattered after the last one only."""
+    if DIST is None:
+        return iter(items)
+    from ursa import dist
+    return dist.accumulate(model, items, no_sync=FSDP["no_sync"])
+
+
+def rank0_first(fn, *args, **kwargs):
+    """fn on rank 0, then on the others (after a barrier): for steps that write shared files."""
+    from ursa import dist
+    if DIST is not None and not is_main():
+        dist.barrier()
+    out = fn(*args, **kwargs)
+    if DIST is not None and is_main():
+        dist.barrier()
+    return out
 
 
 # =============================================================================================
@@ -129,22 +201,30 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
     modules: every module whose state must survive a resume (the model, auxiliary heads).
     step_fn(step) runs forward+backward for the whole optimizer step (it splits micro-batches
     itself) and returns metrics (must include "loss"). Returns True when the stage finished."""
+    from ursa import dist
     stage_dir = Path(stage_dir)
     stage_dir.mkdir(parents=True, exist_ok=True)
+    if DIST is not None and list(modules) != ["model"]:
+        raise ValueError(f"--fsdp trains one sharded model per stage, got modules {list(modules)}")
+    quiet = quiet or not is_main()
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optim = make_optimizer(params, opt)
     start = 0
     metrics_path = stage_dir / "metrics.jsonl"
     if (stage_dir / "resume").exists():
-        start, rng = _load_resume(stage_dir, modules, optim)
+        if DIST is not None:
+            st = dist.load_sharded(stage_dir / "resume", modules["model"], optim)
+            start, rng = st.pop("step"), {k: v for k, v in st.items() if torch.is_tensor(v)}
+        else:
+            start, rng = _load_resume(stage_dir, modules, optim)
         if restore_extra:
             restore_extra(rng)
-        if metrics_path.exists():      # drop log lines written after the checkpoint
+        if metrics_path.exists() and is_main():      # drop log lines written after the checkpoint
             keep = [l for l in metrics_path.read_text().splitlines() if json.loads(l)["step"] < start]
             metrics_path.write_text("".join(l + "\n" for l in keep))
         if not quiet:
             print(f"[{name}] resuming at step {start}/{opt.steps}")
-    elif metrics_path.exists():
+    elif metrics_path.exists() and is_main():
         metrics_path.unlink()
     for m in modules.values():
         m.train()
@@ -155,7 +235,11 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
             g["lr"] = lr_at(step, opt)
         optim.zero_grad(set_to_none=True)
         m = step_fn(step)
-        gnorm = torch.nn.utils.clip_grad_norm_(params, opt.clip) if opt.clip > 0 else torch.tensor(0.0)
+        if DIST is not None:           # loss: each rank holds its share of the global sum
+            m["loss"], m["tokens"] = dist.global_sum([m["loss"], m.get("tokens", 0)])
+            m["tokens"] = int(m["tokens"])
+        clip = dist.clip_grad_norm_ if DIST is not None else torch.nn.utils.clip_grad_norm_
+        gnorm = clip(params, opt.clip) if opt.clip > 0 else torch.tensor(0.0)
         optim.step()
         toks += m.get("tokens", 0)
         done_now += 1
@@ -164,8 +248,9 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
             rec = {"step": step, "lr": round(lr_at(step, opt), 8), "grad_norm": round(float(gnorm), 4),
                    "tok_s": round(toks / max(dt, 1e-9), 1),
                    **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()}}
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            if is_main():
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(rec) + "\n")
             if not quiet:
                 tqdm.write(f"[{name}] step {step:5d} | loss {m['loss']:.4f} | lr {rec['lr']:.2e} | "
                            f"{rec['tok_s']:.0f} tok/s" + "".join(
@@ -174,7 +259,11 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
             t0, toks = time.time(), 0
         last = step == opt.steps - 1
         if not last and ((step + 1) % opt.ckpt_every == 0 or (stop_after and done_now >= stop_after)):
-            _save_resume(stage_dir, modules, optim, step + 1, extra_state() if extra_state else {})
+            extra = extra_state() if extra_state else {}
+            if DIST is not None:
+                dist.save_sharded(stage_dir / "resume", modules["model"], optim, {"step": step + 1, **extra})
+            else:
+                _save_resume(stage_dir, modules, optim, step + 1, extra)
         if stop_after and done_now >= stop_after and not last:
             bar.close()
             return False
@@ -185,10 +274,18 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
 def write_result(stage_dir: Path, model: URSAModel, info: dict):
     """The stage's result: a model directory in stage_dir/model, then state.json {done: true}."""
     stage_dir = Path(stage_dir)
-    save_model(model, stage_dir / "model", extra={"stage": info})
-    (stage_dir / "state.json").write_text(json.dumps({"done": True, **info}, indent=1))
-    if (stage_dir / "resume").exists():
-        shutil.rmtree(stage_dir / "resume")
+    if DIST is not None:
+        from ursa import dist
+        dist.export_model_dir(model, stage_dir / "model", extra={"stage": info})   # rank 0 writes
+    else:
+        save_model(model, stage_dir / "model", extra={"stage": info})
+    if is_main():
+        (stage_dir / "state.json").write_text(json.dumps({"done": True, **info}, indent=1))
+        if (stage_dir / "resume").exists():
+            shutil.rmtree(stage_dir / "resume")
+    if DIST is not None:
+        from ursa import dist
+        dist.barrier()
 
 
 # =============================================================================================
@@ -247,13 +344,14 @@ def order(n: int, step: int, batch: int, seed: int) -> list:
 def lm_step_fn(model: URSAModel, data: ExampleSet, opt: Opt, pad_id: int) -> Callable[[int], dict]:
     """Eq. 1 (next-token cross-entropy on the response), normalised by the step's target count."""
     def step_fn(step):
-        batch = data.batch(order(len(data), step, opt.batch_size, opt.seed), pad_id)
-        n = batch.num_targets()
+        batch = data.batch(my_rows(order(len(data), step, opt.batch_size, opt.seed)), pad_id)
+        n = global_count(batch.num_targets())
         total = 0.0
-        for mb in batch.split(opt.micro_batch):
+        for mb in micro_batches(model, batch.split(opt.micro_batch)):
+            ids, px, am, lm = to_dev(mb.input_ids, mb.pixel_values, mb.attention_mask, mb.loss_mask)
             with autocast(opt):
-                out = model(mb.input_ids, mb.pixel_values, attention_mask=mb.attention_mask)
-            loss, _ = next_token_loss(out.logits, mb.input_ids, mb.loss_mask, num_targets=n)
+                out = model(ids, px, attention_mask=am)
+            loss, _ = next_token_loss(out.logits, ids, lm, num_targets=n)
             loss.backward()
             total += loss.item()
         return {"loss": total, "tokens": int(batch.attention_mask.sum())}
@@ -302,7 +400,6 @@ class Recipe:
     grpo_filter: bool = True         # drop prompts the SFT policy always / never solves
     ps_gamma: float = 0.5
     ps_rho: float = 0.3
-    eval_samples: int = 8
     max_new_tokens: int = 96
 
 
@@ -311,7 +408,7 @@ def quick_recipe() -> Recipe:
     return Recipe(name="quick", data_dir="data/toy-quick", n_train=400, n_rl=64, n_test=48, n_hard=48,
                   vocab_size=400,
                   pretrain=Opt(steps=30, lr=2e-3, **small), align=Opt(steps=10, lr=1e-3, **small),
-                  sft=Opt(steps=30, lr=1e-3, **small), eval_samples=4,
+                  sft=Opt(steps=30, lr=1e-3, **small),
                   label=dict(n_problems=32, k_samples=4, n_probe=4, compare_mc=8),
                   prm=Opt(steps=10, lr=5e-4, **small), bon_samples=4,
                   grpo=Opt(steps=4, lr=5e-5, batch_size=1, micro_batch=16, log_every=1, ckpt_every=1000),
@@ -416,7 +513,7 @@ def _stage_lm(run: Path, stage: str, prev: str, recipe: Recipe, tok: Tokenizer, 
     sd = run / stage
     if stage_done(sd):
         return
-    model = load_model(run / prev / "model")
+    model = stage_model(run / prev / "model", bf16=opt.bf16)
     data = encode_conversations(Path(recipe.data_dir) / data_file, tok, model.cfg)
     set_trainable(model, parts)
     torch.manual_seed(opt.seed)
@@ -529,7 +626,7 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=
     train_recs, held = split_by_problem(recs, recipe.prm_heldout)
     if not train_recs:
         raise ValueError(f"{run / 'label' / 'dualmath.jsonl'}: no training records for the PRM")
-    model = load_model(run / "sft" / "model", value_head=True)
+    model = stage_model(run / "sft" / "model", value_head=True, bf16=recipe.prm.bf16)
     train_data = PRMData(train_recs, tok, model.cfg, run / "label")
     held_data = PRMData(held, tok, model.cfg, run / "label")
     set_trainable(model, ("language_model", "score"))
@@ -537,23 +634,23 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=
     torch.manual_seed(opt.seed)
 
     def step_fn(step):
-        b, lab, mask = train_data.batch(order(len(train_data), step, opt.batch_size, opt.seed), tok.pad_id)
-        n_tags = int(mask.sum())                      # the whole step's tags, before micro-batching
+        b, lab, mask = train_data.batch(my_rows(order(len(train_data), step, opt.batch_size, opt.seed)), tok.pad_id)
+        n_tags = global_count(int(mask.sum()))        # the whole step's tags, before micro-batching
         tot, acc = 0.0, 0.0
-        for s in range(0, b.input_ids.shape[0], opt.micro_batch):
-            sl = slice(s, s + opt.micro_batch)
+        slices = [slice(s, s + opt.micro_batch) for s in range(0, b.input_ids.shape[0], opt.micro_batch)]
+        for sl in micro_batches(model, slices):
+            ids, px, am, lb, mk = to_dev(b.input_ids[sl], b.pixel_values[sl], b.attention_mask[sl], lab[sl], mask[sl])
             with autocast(opt):
-                v = model(b.input_ids[sl], b.pixel_values[sl], attention_mask=b.attention_mask[sl],
-                          logits=False, values=True).values
-            loss, m = prm_loss(v.float(), lab[sl], mask[sl], num_tags=n_tags)
+                v = model(ids, px, attention_mask=am, logits=False, values=True).values
+            loss, m = prm_loss(v.float(), lb, mk, num_tags=n_tags)
             loss.backward()
             tot += loss.item()
             acc += m["step_acc"] * int(mask[sl].sum())
-        return {"loss": tot, "step_acc": acc / max(1, n_tags), "tokens": int(b.attention_mask.sum())}
+        return {"loss": tot, "step_acc": acc / max(1, int(mask.sum())), "tokens": int(b.attention_mask.sum())}
 
     if train_loop(sd, "prm", {"model": model}, opt, step_fn, stop_after=stop_after, quiet=quiet):
         met = prm_heldout_metrics(model, held_data, tok.pad_id)
-        if not quiet and held:
+        if not quiet and held and is_main():
             print(f"[prm] held-out: step acc {met['step_acc']:.3f} | AUC {met['auc']:.3f} | first-error acc "
                   f"{met['first_error_acc']:.3f} (lowest step {met['first_error_acc_min']:.3f}) | "
                   f"{met['steps']} steps in {met['solutions']} solutions")
@@ -625,13 +722,13 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
     if stage_done(sd):
         return
     G, B, opt = recipe.grpo_group, recipe.grpo_prompts, recipe.grpo
-    prompts_recs = rl_prompts(run, recipe, tok, quiet)
+    prompts_recs = rank0_first(rl_prompts, run, recipe, tok, quiet or not is_main())
     if not prompts_recs:
         raise ValueError("no RL prompt left after filtering (the SFT policy solves all or none)")
     base = Path(recipe.data_dir)
-    policy = load_model(run / "sft" / "model")
-    ref = load_model(run / "sft" / "model").eval()
-    prm = load_model(run / "prm" / "model").eval()
+    policy = stage_model(run / "sft" / "model", bf16=opt.bf16)
+    ref = stage_model(run / "sft" / "model", bf16=opt.bf16).eval()
+    prm = stage_model(run / "prm" / "model", bf16=opt.bf16).eval()
     scorer = ev.PRMScorer(prm, tok, base)
     for p in list(ref.parameters()) + list(prm.parameters()):
         p.requires_grad = False
@@ -642,16 +739,26 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
 
     def step_fn(step):
         t0 = time.time()
-        idx = order(len(prompts_recs), step, B, opt.seed)
+        idx = my_rows(order(len(prompts_recs), step, B, opt.seed))
         recs = [prompts_recs[i] for i in idx]
         px = px_all[idx]
-        g = generate(policy, [prompt_ids[i] for i in idx], px, num_samples=G, max_new_tokens=recipe.max_new_tokens,
+        # sampling: through an unsharded copy under --fsdp (a decode step through the sharded model
+        # would all-gather every block for one token, and ranks may stop after different lengths)
+        sampler, px_gen = policy, px
+        if DIST is not None:
+            from ursa import dist
+            sampler = dist.replicate(policy, dtype=torch.bfloat16 if opt.bf16 else torch.float32)
+            px_gen = to_dev(px)[0].to(next(sampler.parameters()).dtype)
+        rank = DIST.rank if DIST is not None else 0
+        g = generate(sampler, [prompt_ids[i] for i in idx], px_gen, num_samples=G, max_new_tokens=recipe.max_new_tokens,
                      temperature=T, top_p=1.0, stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id,
-                     generator=torch.Generator().manual_seed(opt.seed * 1_000_003 + step))
-        R = B * G
+                     generator=torch.Generator().manual_seed(opt.seed * 1_000_003 + step + 7919 * rank))
+        del sampler
+        B_loc = len(idx)
+        R = B_loc * G                                                      # this rank's rollouts
         texts = [tok.decode(g.row(i)) for i in range(R)]
         correct = torch.tensor([ev.judge(recs[i // G], texts[i])[1] for i in range(R)])
-        resp = [[texts[b * G + j] for j in range(G)] for b in range(B)]
+        resp = [[texts[b * G + j] for j in range(G)] for b in range(B_loc)]
         scores = [s for grp in scorer.score_responses(recs, resp, px) for s in grp]   # R lists
         t_sample = time.time() - t0
         # rewards and advantages (Eq. 6-7, Appendix B.1)
@@ -666,7 +773,7 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
             rw = outcome_reward(correct)
         else:
             raise ValueError(f"unknown reward {reward!r}: outcome | ps | v1 | v2")
-        adv = group_advantages(rw.view(B, G), scale_std=recipe.grpo_scale_std).view(R)   # [R]
+        adv = group_advantages(rw.view(B_loc, G), scale_std=recipe.grpo_scale_std).view(R)   # [R]
         # training sequences: prompt + response (right padded); targets are the response tokens
         seqs = [prompt_ids[idx[i // G]] + g.row(i) for i in range(R)]
         Tm = max(map(len, seqs))
@@ -686,23 +793,25 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
                 steps_idx[i, P:P + len(ti)] = torch.tensor(ti, dtype=torch.long)
             adv_tok = torch.cat([variant2_advantages(correct[b * G:(b + 1) * G], scores[b * G:(b + 1) * G],
                                                      steps_idx[b * G:(b + 1) * G, 1:], scale_std=recipe.grpo_scale_std)
-                                 for b in range(B)])                       # [R, Tm-1]
+                                 for b in range(B_loc)])                   # [R, Tm-1]
         mask = tmask[:, 1:]                                                # aligned with targets ids[:, 1:]
-        n_tok = int(mask.sum())
+        n_tok = global_count(int(mask.sum()))                              # whole step, all ranks
+        R_all = global_count(R)
         stats = {"pg_loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
         total = 0.0
-        for s in range(0, R, opt.micro_batch):
-            sl = slice(s, s + opt.micro_batch)
+        slices = [slice(s, s + opt.micro_batch) for s in range(0, R, opt.micro_batch)]
+        for sl in micro_batches(policy, slices):
+            ids_, am_, px_, mask_ = to_dev(ids[sl], am[sl], px[torch.arange(R)[sl] // G], mask[sl])
             with torch.no_grad(), autocast(opt):
-                ref_logits = ref(ids[sl], px[torch.arange(R)[sl] // G], attention_mask=am[sl]).logits
-            ref_lp = token_logprobs(ref_logits[:, :-1].float(), ids[sl, 1:], T)
+                ref_logits = ref(ids_, px_, attention_mask=am_).logits
+            ref_lp = token_logprobs(ref_logits[:, :-1].float(), ids_[:, 1:], T)
             with autocast(opt):
-                logits = policy(ids[sl], px[torch.arange(R)[sl] // G], attention_mask=am[sl]).logits
-            lp = token_logprobs(logits[:, :-1].float(), ids[sl, 1:], T)
-            a = adv_tok[sl] if adv_tok is not None else adv[sl]
-            loss, m = policy_loss(lp, lp.detach(), a, mask[sl], ref_logp=ref_lp, clip_eps=recipe.grpo_clip,
-                                  beta=recipe.grpo_beta, agg=recipe.grpo_agg, num_tokens=n_tok, num_seqs=R,
-                                  constant=R * recipe.max_new_tokens)
+                logits = policy(ids_, px_, attention_mask=am_).logits
+            lp = token_logprobs(logits[:, :-1].float(), ids_[:, 1:], T)
+            a = to_dev(adv_tok[sl] if adv_tok is not None else adv[sl])[0]
+            loss, m = policy_loss(lp, lp.detach(), a, mask_, ref_logp=ref_lp, clip_eps=recipe.grpo_clip,
+                                  beta=recipe.grpo_beta, agg=recipe.grpo_agg, num_tokens=n_tok, num_seqs=R_all,
+                                  constant=R_all * recipe.max_new_tokens)
             loss.backward()
             total += loss.item()
             w = int(mask[sl].sum()) / max(1, n_tok)
@@ -727,9 +836,14 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
 STAGES = ("pretrain", "align", "sft", "label", "prm", "grpo")
 
 
+FSDP_STAGES = ("align", "sft", "prm", "grpo")     # the stages that train one model from a model dir
+
+
 def run_stage(name: str, run: Path, recipe: Recipe, stop_after=None, quiet=False):
-    data_dir = ensure_world(recipe)
-    tok = ensure_tokenizer(run, data_dir, recipe.vocab_size)
+    if DIST is not None and name not in FSDP_STAGES:
+        raise ValueError(f"--fsdp runs the stages {', '.join(FSDP_STAGES)}; run {name!r} without it")
+    data_dir = rank0_first(ensure_world, recipe)
+    tok = rank0_first(ensure_tokenizer, run, data_dir, recipe.vocab_size)
     fn = {"pretrain": stage_pretrain, "align": stage_align, "sft": stage_sft, "label": stage_label,
           "prm": stage_prm, "grpo": stage_grpo}[name]
     t = time.time()
@@ -779,13 +893,34 @@ def main(argv=None):
                    help="grpo reward: outcome (GRPO), ps (PS-GRPO, default), v1, v2 (Appendix B.1)")
     p.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO step budget")
     p.add_argument("--quick", action="store_true", help="smoke-size recipe (about a minute)")
-    p.add_argument("--run", default=None, help="run directory (default runs/toy or runs/quick)")
+    p.add_argument("--run", "--run-dir", dest="run", default=None,
+                   help="run directory (default runs/toy or runs/quick); under torchrun write --run-dir "
+                        "(torchrun reads --run as an abbreviation of its own --run-path)")
     p.add_argument("--stop-after", type=int, default=None,
                    help="stop after this many optimizer steps (with a checkpoint); rerun to resume")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="FSDP2 over the torchrun processes (stages align, sft, prm, grpo; docs/scale_out.md)")
+    p.add_argument("--no-activation-checkpointing", action="store_true",
+                   help="--fsdp: keep every block's activations (faster, more memory)")
+    p.add_argument("--sync-every-micro-batch", action="store_true",
+                   help="--fsdp: reduce-scatter after every micro-batch (less memory than no_sync accumulation)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.fsdp:
+        global DIST
+        from ursa import dist
+        if args.stage in ("all", "ablation"):
+            p.error(f"--fsdp runs one stage at a time ({', '.join(FSDP_STAGES)}), not {args.stage!r}")
+        DIST = dist.setup()
+        FSDP.update(activation_checkpointing=not args.no_activation_checkpointing,
+                    no_sync=not args.sync_every_micro_batch)
+        dist.run_and_exit(_main, args)          # destroy_process_group, then os._exit
+    _main(args)
+
+
+def _main(args):
     recipe = quick_recipe() if args.quick else Recipe()
     if args.run:
         recipe.name = Path(args.run).name

@@ -22,7 +22,7 @@ def micro_recipe(tmp: Path) -> train.Recipe:
         name="micro", preset="micro", data_dir=str(tmp / "data"), n_train=48, n_rl=12, n_test=12, n_hard=12,
         vocab_size=300, pretrain=train.Opt(steps=4, lr=2e-3, **small), align=train.Opt(steps=3, lr=1e-3, **small),
         sft=train.Opt(steps=4, lr=1e-3, **small), label=dict(n_problems=8, k_samples=2, n_probe=2, compare_mc=3),
-        prm=train.Opt(steps=3, lr=5e-4, **small), bon_samples=2, eval_samples=2,
+        prm=train.Opt(steps=3, lr=5e-4, **small), bon_samples=2,
         grpo=train.Opt(steps=2, lr=5e-5, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False),
         grpo_prompts=2, grpo_group=2, grpo_filter=False, max_new_tokens=24)
 
@@ -47,7 +47,8 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     for stage in ("pretrain", "align", "sft", "prm", "grpo"):
         assert (run / stage / "model" / "model.safetensors").exists(), stage
         assert not (run / stage / "resume").exists()
-    assert {"align", "sft", "grpo", "prm_heldout", "sft_best_of_n"} <= set(res)
+    assert {"align", "sft", "grpo", "prm_heldout", "sft_best_of_n", "grpo_best_of_n"} <= set(res)
+    assert set(res["sft_best_of_n"][2]) == {"maj", "weighted", "min", "mean", "last", "product"}
     assert "PS-GRPO greedy" in (run / "results.md").read_text()
     # one log line per logged step, with the GRPO statistics the issue asks for
     lines = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]

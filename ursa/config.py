@@ -267,9 +267,30 @@ def get_config(name: str) -> ModelConfig:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Print a preset's config and parameter counts.")
+    p = argparse.ArgumentParser(
+        description="Print a preset's config and parameter counts; with --gpus, the FSDP2 memory plan "
+                    "per GPU (ursa.dist.memory_plan states the formula).")
     p.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
     p.add_argument("--json", action="store_true", help="print the config as JSON and exit")
+    m = p.add_argument_group("FSDP2 memory plan (printed when --gpus is given)")
+    m.add_argument("--gpus", type=int, default=None, help="number of GPUs the model is sharded over")
+    m.add_argument("--micro-batch", type=int, default=1, help="rows per GPU per forward/backward")
+    m.add_argument("--seq-len", type=int, default=4096, help="tokens per row (image tokens included)")
+    m.add_argument("--batch-size", type=int, default=128,
+                   help="global rows per optimizer step (paper: 128 for SFT and PRM); sets the "
+                        "accumulation count batch / (gpus x micro-batch)")
+    m.add_argument("--trainable", default="all", choices=("all", "llm", "projector"),
+                   help="all (SFT, GRPO), llm (PRM: LLM + head), projector (alignment)")
+    m.add_argument("--fp32", action="store_true", help="no mixed precision (fp32 compute)")
+    m.add_argument("--no-activation-checkpointing", action="store_true", help="keep every activation")
+    m.add_argument("--sync-every-micro-batch", action="store_true",
+                   help="reduce-scatter after every micro-batch instead of no_sync accumulation")
+    m.add_argument("--no-logits", action="store_true", help="the loss reads the value head only (PRM)")
+    m.add_argument("--frozen-copies", type=int, default=0,
+                   help="extra frozen sharded models (GRPO: 2, the reference policy and the PRM)")
+    m.add_argument("--gen-rows", type=int, default=0,
+                   help="GRPO rollout: sequences decoded at once per GPU with an unsharded bf16 replica")
+    m.add_argument("--gpu-gib", type=float, default=79.6, help="memory of one GPU (H100 80GB: 79.6 GiB)")
     args = p.parse_args(argv)
     cfg = get_config(args.preset)
     if args.json:
@@ -287,6 +308,19 @@ def main(argv=None):
     print(f"preset {cfg.name}: {total:,} parameters (built on the meta device)")
     for k, v in parts.items():
         print(f"  {k:<16} {v:>15,}")
+    if args.gpus is not None:
+        from ursa.dist import format_memory_plan, memory_plan
+        per_step = args.gpus * args.micro_batch
+        if args.batch_size % per_step:
+            p.error(f"--batch-size {args.batch_size} is not a multiple of gpus x micro-batch = {per_step}")
+        plan = memory_plan(cfg, args.gpus, args.micro_batch, args.seq_len, trainable=args.trainable,
+                           mixed_precision=not args.fp32,
+                           activation_checkpointing=not args.no_activation_checkpointing,
+                           grad_accum=args.batch_size // per_step, no_sync=not args.sync_every_micro_batch,
+                           frozen_copies=args.frozen_copies, logits=not args.no_logits,
+                           gen_rows=args.gen_rows, gpu_gib=args.gpu_gib)
+        print()
+        print(format_memory_plan(plan))
 
 
 if __name__ == "__main__":

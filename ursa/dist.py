@@ -1,0 +1,625 @@
+"""FSDP2 scale-out: process group, sharded model, accumulation, clipping, checkpoints, memory plan.
+
+References: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, per-parameter DTensor sharding) and
+Distributed Checkpoint (`torch.distributed.checkpoint`); torchtitan for the order of operations
+(meta-device build -> activation checkpointing -> fully_shard per block, then the root -> to_empty ->
+load); PAPER.md Stage I ("AdamW, FSDP, bf16"). Only PyTorch's own engine is used.
+
+    torchrun --standalone --nproc_per_node=8 train.py sft --fsdp ...     (docs/scale_out.md)
+
+    info  = setup()                                   # RANK / WORLD_SIZE / LOCAL_RANK from torchrun
+    model = build_fsdp_model(cfg, model_dir)          # sharded over all ranks; native state-dict names
+    rows  = rank_indices(global_rows, info.rank, info.world_size)
+    n     = global_count(local_targets)               # loss denominator of the WHOLE optimizer step
+    for mb in accumulate(model, micro_batches):       # reduce-scatter only after the last micro-batch
+        loss(mb, num_targets=n).backward()
+    clip_grad_norm_(params, 1.0); optim.step()
+    save_sharded(dir, model, optim, {"step": s}); export_model_dir(model, out_dir)
+    teardown(0)                                       # destroy_process_group(), then os._exit
+
+Why the sums line up: every rank divides its summed per-token loss by the GLOBAL count of the
+optimizer step, and build_fsdp_model sets the gradient divide factor to 1, so the reduce-scatter
+SUMS the ranks' gradients (FSDP2's default would average them, i.e. divide by the world size). The
+reduced gradient is then exactly that of sum(all tokens) / global count, as one process computes it
+(tests/test_fsdp.py checks the losses of several optimizer steps against one process).
+
+Mixed precision (MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)): the sharded parameters
+stay fp32 (they ARE the master weights), so are their gradients and AdamW's m and v; each block is
+all-gathered in bf16 just before it runs and freed after; gradients are reduce-scattered in fp32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from ursa.config import ModelConfig
+from ursa.model import URSAModel, init_weights
+from ursa.weights import (_atomic_dir, _commit_dir, check_state_dict, file_shapes, safetensors_files,
+                          save_model, stream_tensors)
+
+
+# =============================================================================================
+# Process group
+# =============================================================================================
+
+@dataclass
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(backend: Optional[str] = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Join the process group described by torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT; single node or multi-node rendezvous alike). Without torchrun it
+    starts a 1-process group, so `python train.py sft --fsdp` runs too.
+
+    backend: "nccl" on CUDA, "gloo" on CPU (default: nccl when CUDA is available)."""
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise RuntimeError("backend nccl needs CUDA; use backend gloo on CPU")
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} GPU(s) "
+                               f"visible: --nproc_per_node must not exceed the GPUs of a node")
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif backend == "gloo":
+        device = torch.device("cpu")
+    else:
+        raise ValueError(f"backend must be 'nccl' or 'gloo', got {backend!r}")
+    if not dist.is_initialized():
+        from datetime import timedelta
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s), **kw)
+    return DistInfo(rank, world, local_rank, device, backend)
+
+
+def teardown(code: int = 0):
+    """destroy_process_group(), flush, then os._exit(code).
+
+    os._exit skips the interpreter's shutdown: measured here, about 1 run in 12 otherwise aborted at
+    exit ("terminate called without an active exception") after destroy_process_group(). A barrier
+    first (only on success: after an error another rank may never reach it)."""
+    try:
+        if dist.is_initialized():
+            if code == 0:
+                dist.barrier()
+            dist.destroy_process_group()
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def run_and_exit(fn, *args, **kwargs):
+    """Call fn(*args, **kwargs); print any exception; teardown() with 0 or 1. Never returns."""
+    code = 0
+    try:
+        fn(*args, **kwargs)
+    except SystemExit as e:        # argparse errors, sys.exit(n)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except BaseException:          # noqa: BLE001 - report, then leave without hanging the others
+        import traceback
+        traceback.print_exc()
+        code = 1
+    teardown(code)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _comm_device() -> torch.device:
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# =============================================================================================
+# Global counts and the rank's share of a batch
+# =============================================================================================
+
+def global_count(n: int) -> int:
+    """Sum of n over all ranks (targets or tags of one optimizer step; DESIGN.md: normalise by the
+    count of the whole step, counted before the micro-batch loop and across ranks)."""
+    if not dist.is_initialized():
+        return int(n)
+    t = torch.tensor([int(n)], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return int(t.item())
+
+
+def global_sum(values: Sequence[float]) -> list[float]:
+    """Element-wise sum over ranks of a few floats (for logging: loss, correct counts)."""
+    if not dist.is_initialized():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def rank_indices(global_indices: Sequence[int], rank: int, world: int) -> list:
+    """This rank's contiguous slice of a global batch: rows [rank * B/world, (rank+1) * B/world).
+
+    The batch must split evenly: every rank must run the same number of forward/backward calls
+    (each one is a collective under FSDP), or they deadlock."""
+    B = len(global_indices)
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world size {world}")
+    if B % world:
+        raise ValueError(f"a global batch of {B} rows does not split evenly over {world} ranks; "
+                         f"choose a batch size divisible by the number of processes")
+    per = B // world
+    return list(global_indices[rank * per:(rank + 1) * per])
+
+
+def accumulate(model: nn.Module, micro_batches: Sequence, no_sync: bool = True) -> Iterator:
+    """Yield the micro-batches; with no_sync, gradients are reduce-scattered only after the LAST one
+    (set_requires_gradient_sync(False) before the others). Costs memory: the unsharded gradients
+    of every block are kept (in fp32 under mixed precision) until the last backward (memory_plan).
+    A plain (non-FSDP) model passes through, so a loop can use it either way."""
+    from torch.distributed.fsdp import FSDPModule
+    micro_batches = list(micro_batches)
+    fsdp = no_sync and isinstance(model, FSDPModule)
+    try:
+        for i, mb in enumerate(micro_batches):
+            if fsdp:
+                model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+            yield mb
+    finally:
+        if fsdp:
+            model.set_requires_gradient_sync(True)
+
+
+def clip_grad_norm_(parameters: Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                    foreach: Optional[bool] = None) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_ for sharded (DTensor) gradients: the norm of the FULL gradient
+    (the local norms are combined across ranks by DTensor), then every shard scaled by
+    min(1, max_norm / (norm + 1e-6)). Returns the total norm as a plain 0-dim tensor."""
+    from torch.distributed.tensor import DTensor
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    if not grads:
+        return torch.tensor(0.0)
+    total = torch.nn.utils.get_total_norm(grads, norm_type, error_if_nonfinite=False, foreach=foreach)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=foreach)
+    return total
+
+
+# =============================================================================================
+# The sharded model
+# =============================================================================================
+
+def checkpoint_block(block: nn.Module) -> nn.Module:
+    """Activation checkpointing of one block WITHOUT a wrapper module: its forward is replaced (on
+    this instance only) by torch.utils.checkpoint of the original forward, so the module tree and
+    every state-dict name stay the native ones (checkpoint_wrapper would insert
+    `_checkpoint_wrapped_module.`). Under no_grad (generation, eval) the block runs plainly.
+
+    Under FSDP the block's own hooks still run around the call (all-gather before, free after);
+    the recomputation in backward happens after FSDP's pre-backward all-gather of this block."""
+    from torch.utils.checkpoint import checkpoint
+    inner = block.forward
+
+    def forward(*args, **kwargs):
+        if torch.is_grad_enabled():
+            return checkpoint(inner, *args, use_reentrant=False, **kwargs)
+        return inner(*args, **kwargs)
+
+    block.forward = forward
+    return block
+
+
+def sharded_blocks(model: URSAModel) -> list[nn.Module]:
+    """The units FSDP shards one by one (and checkpointing recomputes): every vision transformer
+    block (SAM and SigLIP) and every LM decoder layer. Everything else (embeddings, lm_head, final
+    norm, the vision stems/necks, the projector, the value head) belongs to the root group."""
+    return list(model.vision_model.blocks()) + list(model.language_model.model.layers)
+
+
+def _init_state_dict(cfg: ModelConfig, seed: int, std: float) -> dict:
+    """Exactly the values of init_weights(URSAModel(cfg), std, seed) in one process (global RNG
+    untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        m = init_weights(URSAModel(cfg), std=std, seed=seed)
+    return m.state_dict()
+
+
+def _dir_state_dict(cfg: ModelConfig, model_dir, expected: dict, seed: int) -> dict:
+    """A model directory's tensors (strictly checked against `expected`: name -> shape). A config
+    with value_head=True over a directory without `score.*` gets a fresh head: weight N(0, 0.02)
+    from a generator seeded with `seed`, bias 0 (the PRM built on the SFT policy)."""
+    files = safetensors_files(Path(model_dir))
+    shapes = file_shapes(files)
+    fresh_head = cfg.value_head and "score.weight" not in shapes
+    want = {n: s for n, s in expected.items() if not (fresh_head and n.startswith("score."))}
+    check_state_dict(want, shapes, str(model_dir))
+    sd = dict(stream_tensors(files))
+    if fresh_head:
+        g = torch.Generator().manual_seed(seed)
+        sd["score.weight"] = torch.randn(expected["score.weight"], generator=g) * 0.02
+        sd["score.bias"] = torch.zeros(expected["score.bias"])
+    return sd
+
+
+def _on_rank0(fn):
+    """Run fn() on rank 0 only; an exception there is raised on EVERY rank (with rank 0's message),
+    so the others never wait forever in the next collective."""
+    result, err = None, ""
+    if _rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:            # noqa: BLE001 - re-raised below on all ranks
+            err = f"{type(e).__name__}: {e}"
+    if dist.is_initialized():
+        box = [err]
+        dist.broadcast_object_list(box, src=0)
+        err = box[0]
+    if err:
+        raise RuntimeError(f"rank 0: {err}")
+    return result
+
+
+def build_fsdp_model(cfg: Optional[ModelConfig] = None, model_dir=None, mixed_precision: bool = True,
+                     activation_checkpointing: bool = True, seed: int = 0, init_std: float = 0.02,
+                     device: Optional[torch.device] = None) -> URSAModel:
+    """URSAModel sharded with FSDP2 over all ranks, in torchtitan's order:
+
+      1. build on the meta device (no memory);
+      2. activation checkpointing per block (`checkpoint_block`, native names kept);
+      3. fully_shard every vision block and every LM layer, then the root, with
+         MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32) when mixed_precision; gradient
+         divide factor 1 (gradients are summed over ranks: the loss carries the global count);
+      4. to_empty(device): allocate this rank's shards;
+      5. fill them: rank 0 reads `model_dir` (config.json + safetensors, strictly checked) or computes
+         init_weights(URSAModel(cfg), init_std, seed) (the same values as one process with that
+         seed), and set_model_state_dict(full_state_dict, broadcast_from_rank0) sends each tensor to
+         every rank, which keeps its own shard.
+
+    cfg: the architecture (default: model_dir's config.json). Given together with model_dir it may
+    differ in value_head / value_head_dropout (cfg.value_head on a directory without a head adds a
+    fresh one, like ursa.weights.load_model(value_head=True)). The result keeps `.cfg`, so
+    save_model / export_model_dir work on it. Rank 0 holds the full state dict in CPU memory once
+    (32 GB for 8B in fp32; a bf16 released checkpoint 16 GB)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from ursa.weights import read_config
+
+    if not dist.is_initialized():
+        raise RuntimeError("build_fsdp_model: call ursa.dist.setup() first (torchrun or 1 process)")
+    if cfg is None and model_dir is None:
+        raise ValueError("build_fsdp_model: give a config, a model directory, or both")
+    if cfg is None:
+        cfg = read_config(model_dir)
+    cfg.validate()
+    device = device or _comm_device()
+    with torch.device("meta"):
+        model = URSAModel(cfg)
+    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    blocks = sharded_blocks(model)
+    if activation_checkpointing:
+        for b in blocks:
+            checkpoint_block(b)
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if mixed_precision else MixedPrecisionPolicy())
+    mesh = init_device_mesh(device.type, (_world(),))
+    for b in blocks:
+        fully_shard(b, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    for m in [*blocks, model]:          # sum, not average, over ranks: losses use the global count
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)   # plain SUM (gloo has no PREMUL_SUM; 1.0 = no div)
+    model.to_empty(device=device)
+    full = _on_rank0(lambda: _dir_state_dict(cfg, model_dir, expected, seed) if model_dir is not None
+                     else _init_state_dict(cfg, seed, init_std))
+    set_model_state_dict(model, full if _rank() == 0 else {},
+                         options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full
+    return model
+
+
+def full_state_dict(model: nn.Module, cpu_offload: bool = True) -> dict:
+    """The full (unsharded) state dict with the native names. Every rank must call it (all-gathers);
+    with cpu_offload only rank 0 receives the tensors (on CPU), the others an empty dict."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True,
+                                                                cpu_offload=cpu_offload))
+
+
+def export_model_dir(model: nn.Module, out_dir, extra: Optional[dict] = None,
+                     dtype: Optional[torch.dtype] = None, max_shard_bytes: int = 5 * 2**30):
+    """Rank 0 writes a single-process model directory (config.json + safetensors, sharded with an
+    index above max_shard_bytes) from the full state dict, via ursa.weights.save_model (atomic).
+    Every rank must call it. dtype: cast floating tensors (e.g. torch.bfloat16 as released)."""
+    sd = full_state_dict(model, cpu_offload=True)
+    if _rank() == 0:
+        if dtype is not None:
+            sd = {n: (t.to(dtype) if t.is_floating_point() else t) for n, t in sd.items()}
+        save_model(model, out_dir, extra=extra, max_shard_bytes=max_shard_bytes, state_dict=sd)
+    del sd
+    barrier()
+
+
+def replicate(model: nn.Module, dtype: torch.dtype = torch.bfloat16,
+              device: Optional[torch.device] = None) -> URSAModel:
+    """A plain, unsharded copy of the sharded model on every rank (eval mode, `dtype`), for
+    generation: a decode step through the FSDP model all-gathers every block for one token, this
+    copy does not, and ranks may then decode different numbers of steps. Every rank must call it.
+    Gathered one tensor at a time and cast on arrival: peak = the copy (2 bytes/parameter in bf16,
+    16 GB for 8B) + one full fp32 tensor. Free it (del) before the training forward."""
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+    for m in model.modules():          # the root may still hold its unsharded (bf16) params
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    device = device or _comm_device()
+    with torch.device("meta"):
+        rep = URSAModel(model.cfg).to(dtype)
+    rep.to_empty(device=device)
+    dst = rep.state_dict()
+    with torch.no_grad():
+        for name, t in model.state_dict().items():          # the same order on every rank
+            dst[name].copy_(t.full_tensor() if isinstance(t, DTensor) else t)
+    return rep.eval()
+
+
+# =============================================================================================
+# Sharded checkpoints (exact resume)
+# =============================================================================================
+
+STATE_NAME = "state.json"
+
+
+def _rank_file(d: Path, rank: int) -> Path:
+    return d / f"rank{rank:05d}.safetensors"
+
+
+def save_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer, state: dict):
+    """Write a resumable checkpoint with torch.distributed.checkpoint: model and optimizer shards
+    (every rank writes its own), `state` (JSON values from rank 0: step, data position, ...; tensor
+    values per rank), and each rank's RNG states. Atomic: all ranks write `<dir>.tmp`, barrier, rank 0
+    renames it to `<dir>` (replacing an older one). Multi-node runs need a shared filesystem."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    ckpt_dir = Path(ckpt_dir)
+    tmp = _on_rank0(lambda: _atomic_dir(ckpt_dir))
+    tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp") if tmp is None else tmp
+    msd, osd = get_state_dict(model, optim)
+    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    save_file(tensors, str(_rank_file(tmp, _rank())))
+    plain = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    if _rank() == 0:
+        (tmp / STATE_NAME).write_text(json.dumps({"world_size": _world(), "state": plain}, indent=1))
+    barrier()
+    _on_rank0(lambda: _commit_dir(tmp, ckpt_dir))
+
+
+def load_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
+    """Load a save_sharded checkpoint into an already built model and optimizer (same parameters,
+    same param groups); restore this rank's RNG; return the saved `state` (JSON values + this rank's
+    tensors). The model/optimizer may be resharded to another world size (DCP handles it); the RNG
+    is restored only when the world size is the one saved."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / STATE_NAME
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no {STATE_NAME} (not a finished sharded checkpoint)")
+    meta = json.loads(meta_path.read_text())
+    msd, osd = get_state_dict(model, optim)
+    sd = {"model": msd, "optim": osd}
+    dcp.load(sd, checkpoint_id=str(ckpt_dir))
+    set_state_dict(model, optim, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+    state = dict(meta["state"])
+    rf = _rank_file(ckpt_dir, _rank())
+    if meta["world_size"] == _world() and rf.exists():
+        tensors = load_file(str(rf))
+        torch.set_rng_state(tensors.pop("rng.torch"))
+        cuda_rng = tensors.pop("rng.cuda", None)
+        if cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda_rng)
+        state.update(tensors)
+    elif _rank() == 0:
+        print(f"[dist] {ckpt_dir}: saved with {meta['world_size']} ranks, running {_world()}: "
+              f"model and optimizer resharded, RNG states not restored", flush=True)
+    return state
+
+
+# =============================================================================================
+# Memory plan
+# =============================================================================================
+
+GIB = 2**30
+
+
+def _param_groups(cfg: ModelConfig) -> dict:
+    """Parameter counts: total, per part, the largest LM / vision block, the root group."""
+    with torch.device("meta"):
+        m = URSAModel(cfg)
+    n = lambda mod: sum(p.numel() for p in mod.parameters())          # noqa: E731
+    lm_blocks = [n(b) for b in m.language_model.model.layers]
+    vis_blocks = [n(b) for b in m.vision_model.blocks()]
+    total = n(m)
+    return {"total": total, "vision": n(m.vision_model), "aligner": n(m.aligner),
+            "language_model": n(m.language_model), "score": n(m.score) if cfg.value_head else 0,
+            "lm_block": max(lm_blocks), "vision_block": max(vis_blocks) if vis_blocks else 0,
+            "root": total - sum(lm_blocks) - sum(vis_blocks),
+            "root_trainable_llm": n(m.language_model) - sum(lm_blocks) + (n(m.score) if cfg.value_head else 0)}
+
+
+TRAINABLE = ("all", "llm", "projector")
+
+
+def memory_plan(cfg: ModelConfig, gpus: int, micro_batch: int, seq_len: int, trainable: str = "all",
+                mixed_precision: bool = True, activation_checkpointing: bool = True,
+                grad_accum: int = 1, no_sync: bool = True, frozen_copies: int = 0,
+                images_per_row: int = 1, logits: bool = True, gen_rows: int = 0,
+                gpu_gib: float = 79.6, overhead_gib: float = 1.5) -> dict:
+    """Per-GPU memory (bytes) of FSDP2 training with build_fsdp_model, by term. N = gpus, P = all
+    parameters, Pt = trainable ones, B = micro_batch, T = seq_len, H / I / L / V = LM hidden /
+    intermediate / layers / vocab, Hkv x hd = the KV width; activations in bf16 (2 bytes) under
+    mixed precision (4 in fp32).
+
+    peak = static + max(training step, rollout phase)
+
+    Static, sharded (FSDP2 with MixedPrecisionPolicy keeps NO separate bf16 copy: the fp32 shards
+    ARE the master weights):
+        params 4 P / N  +  grads 4 Pt / N  +  AdamW m and v 8 Pt / N        (= 16 P / N when Pt = P)
+        + 4 P / N per extra frozen copy (GRPO: reference policy, PRM), as build_fsdp_model keeps them
+        + overhead_gib for the CUDA context, NCCL buffers and the allocator's own use.
+    Training step, unsharded and transient:
+        root group (embeddings, lm_head, final norm, vision stems/necks, projector, value head),
+            gathered for the whole forward + backward:                       2 P_root
+        the running block + the prefetched next one:                          2 x 2 P_block
+        gradients: no_sync accumulation over grad_accum > 1 micro-batches keeps EVERY parameter's
+            unsharded gradient in fp32 (FSDP2 upcasts to reduce_dtype) until the last one: 4 Pt;
+            otherwise the root's and one block's bf16 grad + fp32 reduce copy: 6 (P_root + P_block)
+        activations with checkpointing (only block inputs are kept; one block at a time is recomputed
+        in backward):
+          LM:     L x 2 B T H  (layer-boundary hidden states)
+                + B T (26 H + 8 I)   (one layer's full activations: two RMSNorms 6H each (fp32 x and
+                  bf16 out), q/k/v/o inputs 4H, SDPA q, expanded k, v and out 8H, MLP gate, up, act,
+                  product 8I; attention by a memory-efficient kernel, O(T))
+                + 3 B T^2 (the boolean [T, T] padding mask and its bf16 bias)
+          without checkpointing: L x B T (26 H + 8 I) + the mask.
+          loss:   14 B T V (bf16 logits 2 + fp32 log-softmax kept 4 + fp32/bf16 gradients 8 in backward)
+          vision (only when it trains, trainable = "all"), per image (B x images_per_row):
+                SAM: L_sam x 2 G^2 D + one global block G^2 (26 D + 8 I) + 8 h G^4 (the dense rel-pos
+                bias: fp32, its bf16 copy and its gradient); SigLIP: L_sig x 2 P D + P (26 D + 8 I).
+    Rollout phase (GRPO, gen_rows > 0 sequences decoded at once up to T tokens; see replicate()):
+        unsharded bf16 replica 2 P  +  KV cache gen_rows x T x L x 2 (k, v) x Hkv x hd x 2 bytes
+        + logits of one decode step 4 gen_rows V.
+    The verdict: "fits" when the peak is under 90% of gpu_gib (fragmentation headroom), "tight" under
+    100%, else "does not fit". Estimates, not measurements: check torch.cuda.max_memory_allocated()
+    on the first steps."""
+    if trainable not in TRAINABLE:
+        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
+    if gpus < 1 or micro_batch < 1 or seq_len < 1 or grad_accum < 1:
+        raise ValueError(f"gpus {gpus}, micro_batch {micro_batch}, seq_len {seq_len}, grad_accum "
+                         f"{grad_accum} must be >= 1")
+    g = _param_groups(cfg)
+    N, B, T = gpus, micro_batch, seq_len
+    lm = cfg.lm
+    H, I, L, V = lm.hidden_size, lm.intermediate_size, lm.num_layers, lm.vocab_size
+    P = g["total"]
+    Pt = {"all": P, "llm": g["language_model"] + g["score"], "projector": g["aligner"]}[trainable]
+    pb = 2 if mixed_precision else 4                     # bytes of an unsharded parameter / activation
+    blk = max(g["lm_block"], g["vision_block"])
+    st, tr, ro = {}, {}, {}
+    st["sharded params (fp32)"] = 4 * P / N
+    st["sharded grads (fp32)"] = 4 * Pt / N
+    st["AdamW m, v (fp32)"] = 8 * Pt / N
+    if frozen_copies:
+        st[f"{frozen_copies} frozen copies (fp32 shards)"] = frozen_copies * 4 * P / N
+    st["CUDA context, NCCL, allocator"] = overhead_gib * GIB
+    tr["root group, unsharded"] = pb * g["root"]
+    tr["2 blocks in flight, unsharded"] = 2 * pb * blk
+    if no_sync and grad_accum > 1:
+        tr["no_sync unsharded grads (fp32)"] = 4 * Pt
+    else:
+        tr["grads in flight (root + block)"] = (pb + 4) * (g["root"] + blk)
+    block_full = pb / 2 * B * T * (26 * H + 8 * I)
+    if activation_checkpointing:
+        tr["LM activations"] = L * pb * B * T * H + block_full + 3 * B * T * T
+    else:
+        tr["LM activations"] = L * block_full + 3 * B * T * T
+    if logits:
+        tr["logits + loss"] = 14 * B * T * V
+    if trainable == "all":
+        v, vis = cfg.vision, 0.0
+        s = v.siglip
+        Ps, Ds = s.num_patches, s.hidden_size
+        sig_full = pb / 2 * Ps * (26 * Ds + 8 * s.intermediate_size)
+        vis += (s.num_layers * pb * Ps * Ds + sig_full) if activation_checkpointing else s.num_layers * sig_full
+        if v.kind == "hybrid":
+            sm = v.sam
+            G2, D = sm.grid ** 2, sm.hidden_size
+            sam_full = pb / 2 * G2 * (26 * D + 8 * sm.intermediate_size) + 8 * sm.num_heads * G2 * G2
+            vis += (sm.num_layers * pb * G2 * D + sam_full) if activation_checkpointing \
+                else sm.num_layers * sam_full
+        tr["vision activations"] = B * images_per_row * vis
+    if gen_rows:
+        ro["bf16 replica for generation"] = 2 * P
+        ro["KV cache"] = gen_rows * T * L * 2 * lm.num_kv_heads * lm.head_dim * 2
+        ro["decode-step logits"] = 4 * gen_rows * V
+    static, train, roll = sum(st.values()), sum(tr.values()), sum(ro.values())
+    total = static + max(train, roll)
+    verdict = "fits" if total <= 0.9 * gpu_gib * GIB else ("tight" if total <= gpu_gib * GIB else "does not fit")
+    return {"preset": cfg.name, "gpus": N, "micro_batch": B, "seq_len": T, "trainable": trainable,
+            "mixed_precision": mixed_precision, "activation_checkpointing": activation_checkpointing,
+            "grad_accum": grad_accum, "no_sync": no_sync, "gen_rows": gen_rows, "params": P,
+            "trainable_params": Pt, "lm_block_params": g["lm_block"],
+            "vision_block_params": g["vision_block"], "root_params": g["root"],
+            "static": st, "train": tr, "rollout": ro, "static_total": static, "train_total": train,
+            "rollout_total": roll, "total": total, "gpu_gib": gpu_gib, "verdict": verdict}
+
+
+def format_memory_plan(plan: dict) -> str:
+    """The plan as a table in GiB, with the peak and the verdict."""
+    lines = [f"FSDP2 memory plan per GPU: {plan['preset']} on {plan['gpus']} GPU(s), micro-batch "
+             f"{plan['micro_batch']} x {plan['seq_len']} tokens, trainable {plan['trainable']} "
+             f"({plan['trainable_params']:,} of {plan['params']:,} parameters),",
+             f"  {'bf16 mixed precision' if plan['mixed_precision'] else 'fp32'}, activation "
+             f"checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
+             f"{plan['grad_accum']} micro-batch(es) per step per GPU "
+             f"({'no_sync accumulation' if plan['no_sync'] else 'reduce-scatter every micro-batch'})",
+             f"  largest LM block {plan['lm_block_params']:,}, vision block "
+             f"{plan['vision_block_params']:,}, root group {plan['root_params']:,} parameters"]
+    sections = [("static", plan["static"], plan["static_total"]),
+                ("training step", plan["train"], plan["train_total"])]
+    if plan["rollout"]:
+        sections.append((f"rollout phase ({plan['gen_rows']} rows)", plan["rollout"], plan["rollout_total"]))
+    for title, terms, tot in sections:
+        lines.append(f"  {title}:")
+        for k, v in terms.items():
+            lines.append(f"    {k:<34} {v / GIB:8.2f} GiB")
+        lines.append(f"    {'subtotal':<34} {tot / GIB:8.2f} GiB")
+    lines.append(f"  peak = static + max(training{', rollout' if plan['rollout'] else ''})"
+                 f" = {plan['total'] / GIB:.2f} GiB of {plan['gpu_gib']:.1f} GiB: {plan['verdict']}"
+                 + (" (under 10% headroom)" if plan["verdict"] == "tight" else ""))
+    return "\n".join(lines)

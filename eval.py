@@ -195,8 +195,8 @@ def _trend(metrics_path: Path, key: str, k: int = 5) -> tuple:
     return (sum(vals[:k]) / len(vals[:k]), sum(vals[-k:]) / len(vals[-k:]))
 
 
-def ablation_table(run: Path, recipe, rewards, times: dict, quiet: bool = False) -> dict:
-    """SFT vs each GRPO reward: greedy accuracy (95% intervals) and response length / step trends."""
+def ablation_table(run: Path, recipe, rewards: dict, times: dict, quiet: bool = False) -> dict:
+    """SFT vs each GRPO reward (rewards: reward -> its run folder name): greedy accuracy (95% intervals) and response length / step trends."""
     data = Path(recipe.data_dir)
     tok = Tokenizer.from_file(run / "tokenizer.json")
     test, hard = load_problems(data / "test.jsonl"), load_problems(data / "test_hard.jsonl")
@@ -205,7 +205,7 @@ def ablation_table(run: Path, recipe, rewards, times: dict, quiet: bool = False)
     rows = [("policy", "toy test greedy", "hard test greedy", "resp. tokens first->last", "steps first->last",
              "train acc first->last", "wall s")]
     res = {}
-    for key, d in [("sft", run / "sft")] + [(r, run / f"grpo-{r}") for r in rewards]:
+    for key, d in [("sft", run / "sft")] + [(r, run / name) for r, name in rewards.items()]:
         model = load_model(d / "model").eval()
         a = evaluate(model, tok, test, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
         b = evaluate(model, tok, hard, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)

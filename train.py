@@ -60,6 +60,14 @@ class Opt:
     log_every: int = 10
     ckpt_every: int = 50
     seed: int = 0
+    epochs: Optional[float] = None   # if set, steps = ceil(epochs * rows / rows per step) once data is known
+
+
+def with_epochs(opt: Opt, rows: int, rows_per_step: int) -> Opt:
+    """Resolve opt.epochs into a step count for a dataset of `rows`."""
+    if opt.epochs is None:
+        return opt
+    return replace(opt, steps=max(1, math.ceil(opt.epochs * rows / rows_per_step)))
 
 
 def lr_at(step: int, opt: Opt) -> float:
@@ -316,7 +324,7 @@ def load_images_u8(records, base: Path, vcfg) -> torch.Tensor:
 
 
 def encode_conversations(path: Path, tok: Tokenizer, cfg: ModelConfig, limit: Optional[int] = None,
-                         with_images: bool = True) -> ExampleSet:
+                         with_images: bool = True, max_len: Optional[int] = None) -> ExampleSet:
     recs = read_jsonl(path, required=("id", "conversations"))[:limit]
     ids, masks = [], []
     for r in recs:
@@ -324,6 +332,10 @@ def encode_conversations(path: Path, tok: Tokenizer, cfg: ModelConfig, limit: Op
         if with_images and not has_img:
             raise ValueError(f"{r['_where']}: expected an <image> in the human turn")
         i, m = tok.encode_conversation(user, answer, image=with_images, num_image_tokens=cfg.vision.num_tokens)
+        if max_len is not None and len(i) > max_len:
+            if with_images and sum(t == cfg.image_token_id for t in i[:max_len]) < cfg.vision.num_tokens:
+                raise ValueError(f"{r['_where']}: --max-len {max_len} would cut the image's positions")
+            i, m = i[:max_len], m[:max_len]
         ids.append(i)
         masks.append(m)
     imgs = load_images_u8(recs, Path(path).parent, cfg.vision) if with_images else None
@@ -378,16 +390,22 @@ class Recipe:
     n_test: int = 500
     n_hard: int = 500
     vocab_size: int = 512
-    pretrain: Opt = field(default_factory=lambda: Opt(steps=400, lr=2e-3, ckpt_every=100))
-    align: Opt = field(default_factory=lambda: Opt(steps=150, lr=1e-3, ckpt_every=50))
-    sft: Opt = field(default_factory=lambda: Opt(steps=300, lr=1e-3, ckpt_every=100))
+    pretrain: Opt = field(default_factory=lambda: Opt(steps=250, lr=2e-3, ckpt_every=50))
+    align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40))
+    sft: Opt = field(default_factory=lambda: Opt(steps=260, lr=1.5e-3, ckpt_every=50))
     train_vision_in_sft: bool = True
     label: dict = field(default_factory=lambda: dict(n_problems=600, k_samples=4, n_probe=8, compare_mc=60))
     prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02, ckpt_every=50))
     prm_heldout: float = 0.1
     bon_samples: int = 16
-    grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=5e-5, weight_decay=0.0, micro_batch=64,
+    grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=1e-4, weight_decay=0.0, micro_batch=64,
                                                   warmup_ratio=0.05, min_lr_ratio=1.0, log_every=1, ckpt_every=10))
+    init: Optional[str] = None        # a stage's starting model directory (default: the previous stage's)
+    stage_data: Optional[str] = None  # a stage's data file (default: the toy world's / the run's)
+    prm_dir: Optional[str] = None     # grpo: the PRM model directory (default runs/<name>/prm/model)
+    max_len: Optional[int] = None     # truncate training sequences to this many tokens
+    max_prompt_len: Optional[int] = None  # grpo: drop RL prompts longer than this
+    gen_batch: Optional[int] = None   # grpo: rollouts decoded at once (default: the whole step)
     grpo_reward: str = "ps"
     grpo_group: int = 8
     grpo_prompts: int = 16
@@ -513,8 +531,10 @@ def _stage_lm(run: Path, stage: str, prev: str, recipe: Recipe, tok: Tokenizer, 
     sd = run / stage
     if stage_done(sd):
         return
-    model = stage_model(run / prev / "model", bf16=opt.bf16)
-    data = encode_conversations(Path(recipe.data_dir) / data_file, tok, model.cfg)
+    model = stage_model(Path(recipe.init) if recipe.init else run / prev / "model", bf16=opt.bf16)
+    data = encode_conversations(Path(recipe.stage_data) if recipe.stage_data else Path(recipe.data_dir) / data_file,
+                                tok, model.cfg, max_len=recipe.max_len)
+    opt = with_epochs(opt, len(data), opt.batch_size)
     set_trainable(model, parts)
     torch.manual_seed(opt.seed)
     if train_loop(sd, stage, {"model": model}, opt, lm_step_fn(model, data, opt, tok.pad_id),
@@ -561,12 +581,13 @@ class PRMData:
     """DualMath records encoded for the PRM: user turn = <|image|> + instruction + question + the
     solution with a tag after every step; labels at the tags (Eq. 4)."""
 
-    def __init__(self, records, tok: Tokenizer, cfg: ModelConfig, base: Path):
+    def __init__(self, records, tok: Tokenizer, cfg: ModelConfig, base: Path, max_len: Optional[int] = None):
         from ursa.prm import prm_user_text, tag_steps
         self.records, self.labels, self.ids = records, [r["labels"] for r in records], []
         for r in records:
             user = prm_user_text(r["question"], tag_steps(r["steps"], r["answer"]))
-            self.ids.append(tok.encode_prompt(user, image=True, num_image_tokens=cfg.vision.num_tokens))
+            ids = tok.encode_prompt(user, image=True, num_image_tokens=cfg.vision.num_tokens)
+            self.ids.append(ids[:max_len] if max_len else ids)     # truncation drops the late tags' labels
         self.images = load_images_u8(records, base, cfg.vision)
         self.tag_id = tok.tag_id
 
@@ -622,15 +643,17 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=
     sd = run / "prm"
     if stage_done(sd):
         return
-    recs = read_jsonl(run / "label" / "dualmath.jsonl", required=("question", "steps", "labels", "answer", "image"))
+    path = Path(recipe.stage_data) if recipe.stage_data else run / "label" / "dualmath.jsonl"
+    recs = read_jsonl(path, required=("question", "steps", "labels", "answer", "image"))
     train_recs, held = split_by_problem(recs, recipe.prm_heldout)
     if not train_recs:
-        raise ValueError(f"{run / 'label' / 'dualmath.jsonl'}: no training records for the PRM")
-    model = stage_model(run / "sft" / "model", value_head=True, bf16=recipe.prm.bf16)
-    train_data = PRMData(train_recs, tok, model.cfg, run / "label")
-    held_data = PRMData(held, tok, model.cfg, run / "label")
+        raise ValueError(f"{path}: no training records for the PRM")
+    model = stage_model(Path(recipe.init) if recipe.init else run / "sft" / "model", value_head=True,
+                        bf16=recipe.prm.bf16)
+    train_data = PRMData(train_recs, tok, model.cfg, path.parent, recipe.max_len)
+    held_data = PRMData(held, tok, model.cfg, path.parent, recipe.max_len)
     set_trainable(model, ("language_model", "score"))
-    opt = recipe.prm
+    opt = with_epochs(recipe.prm, len(train_data), recipe.prm.batch_size)
     torch.manual_seed(opt.seed)
 
     def step_fn(step):
@@ -666,14 +689,15 @@ def rl_prompts(run: Path, recipe: Recipe, tok: Tokenizer, quiet=False) -> list:
     paper's 20K -> 15.3K filter). Cached in runs/<name>/rl_prompts.json (shared by every variant)."""
     import eval as ev
     path = run / "rl_prompts.json"
-    recs = ev.load_problems(Path(recipe.data_dir) / "rl.jsonl")
+    rl_file = Path(recipe.stage_data) if recipe.stage_data else Path(recipe.data_dir) / "rl.jsonl"
+    recs = ev.load_problems(rl_file)
     if not recipe.grpo_filter:
         return recs
     if path.exists():
         keep = set(json.loads(path.read_text())["keep"])
         return [r for r in recs if r["id"] in keep]
-    policy = load_model(run / "sft" / "model").eval()
-    res = ev.evaluate(policy, tok, recs, Path(recipe.data_dir), n=recipe.grpo_filter_samples, temperature=1.0,
+    policy = load_model(Path(recipe.init) if recipe.init else run / "sft" / "model").eval()
+    res = ev.evaluate(policy, tok, recs, rl_file.parent, n=recipe.grpo_filter_samples, temperature=1.0,
                       max_new_tokens=recipe.max_new_tokens, seed=1234, quiet=quiet)
     keep = [r["id"] for r, c in zip(recs, res["correct"]) if 0 < sum(c) < len(c)]
     info = {"candidates": len(recs), "keep": keep,
@@ -707,34 +731,42 @@ def token_step_index(tok: Tokenizer, tokens: list, n_scores: int) -> list:
 
 
 def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet=False,
-               reward: Optional[str] = None, out_name: str = "grpo"):
+               reward: Optional[str] = None, out_name: Optional[str] = None):
     """PS-GRPO (Eq. 5-8): G rollouts per prompt from the current policy, split into steps, scored by
     the PRM; reward outcome | ps | v1 | v2; group-relative advantages; clipped surrogate + beta * k3 KL
     to the SFT reference. Rollouts of step k are sampled with a generator seeded by k, so a resumed
     run samples exactly what the uninterrupted one would."""
     import eval as ev
-    from ursa.generate import generate
+    from ursa.generate import Generation, generate
     from ursa.grpo import (completion_mask, drop_moment, group_advantages, outcome_reward,
                            policy_loss, ps_reward, token_logprobs, variant1_reward, variant2_advantages)
     from ursa.prm import split_steps
     reward = reward or recipe.grpo_reward
-    sd = run / out_name
+    sd = run / (out_name or grpo_dir_name(reward))
     if stage_done(sd):
         return
     G, B, opt = recipe.grpo_group, recipe.grpo_prompts, recipe.grpo
     prompts_recs = rank0_first(rl_prompts, run, recipe, tok, quiet or not is_main())
+    rl_file = Path(recipe.stage_data) if recipe.stage_data else Path(recipe.data_dir) / "rl.jsonl"
     if not prompts_recs:
         raise ValueError("no RL prompt left after filtering (the SFT policy solves all or none)")
-    base = Path(recipe.data_dir)
-    policy = stage_model(run / "sft" / "model", bf16=opt.bf16)
-    ref = stage_model(run / "sft" / "model", bf16=opt.bf16).eval()
-    prm = stage_model(run / "prm" / "model", bf16=opt.bf16).eval()
+    base = rl_file.parent
+    init = Path(recipe.init) if recipe.init else run / "sft" / "model"
+    policy = stage_model(init, bf16=opt.bf16)
+    ref = stage_model(init, bf16=opt.bf16).eval()
+    prm = stage_model(Path(recipe.prm_dir) if recipe.prm_dir else run / "prm" / "model", bf16=opt.bf16).eval()
     scorer = ev.PRMScorer(prm, tok, base)
     for p in list(ref.parameters()) + list(prm.parameters()):
         p.requires_grad = False
     set_trainable(policy, ("aligner", "language_model"))
     px_all = ev.problem_pixels(prompts_recs, base, policy.cfg.vision)
     prompt_ids = ev.prompts_for(prompts_recs, tok, policy.cfg)
+    if recipe.max_prompt_len:
+        keep = [i for i, p in enumerate(prompt_ids) if len(p) <= recipe.max_prompt_len]
+        if not quiet and len(keep) < len(prompt_ids):
+            print(f"[grpo] {len(prompt_ids) - len(keep)} prompts longer than {recipe.max_prompt_len} tokens dropped")
+        prompts_recs, prompt_ids, px_all = [prompts_recs[i] for i in keep], [prompt_ids[i] for i in keep], px_all[keep]
+    opt = with_epochs(opt, len(prompts_recs), B)
     T = recipe.grpo_temperature
 
     def step_fn(step):
@@ -750,9 +782,16 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
             sampler = dist.replicate(policy, dtype=torch.bfloat16 if opt.bf16 else torch.float32)
             px_gen = to_dev(px)[0].to(next(sampler.parameters()).dtype)
         rank = DIST.rank if DIST is not None else 0
-        g = generate(sampler, [prompt_ids[i] for i in idx], px_gen, num_samples=G, max_new_tokens=recipe.max_new_tokens,
-                     temperature=T, top_p=1.0, stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id,
-                     generator=torch.Generator().manual_seed(opt.seed * 1_000_003 + step + 7919 * rank))
+        gen = torch.Generator().manual_seed(opt.seed * 1_000_003 + step + 7919 * rank)
+        chunk = max(1, recipe.gen_batch // G) if recipe.gen_batch else len(idx)
+        parts = [generate(sampler, [prompt_ids[i] for i in idx[c:c + chunk]], px_gen[c:c + chunk], num_samples=G,
+                          max_new_tokens=recipe.max_new_tokens, temperature=T, top_p=1.0,
+                          stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id, generator=gen)
+                 for c in range(0, len(idx), chunk)]
+        g = parts[0] if len(parts) == 1 else Generation(
+            torch.cat([q.tokens for q in parts]), torch.cat([q.logprobs for q in parts]),
+            torch.cat([q.lengths for q in parts]), [r for q in parts for r in q.stop_reason],
+            torch.cat([q.prompt_index + c for q, c in zip(parts, range(0, len(idx), chunk))]))
         del sampler
         B_loc = len(idx)
         R = B_loc * G                                                      # this rank's rollouts
@@ -868,6 +907,11 @@ def run_all(recipe: Recipe, quiet=False) -> dict:
 REWARDS = ("outcome", "ps", "v1", "v2")
 
 
+def grpo_dir_name(reward: str) -> str:
+    """runs/<name>/grpo holds PS-GRPO (the recipe's main run); other rewards grpo-<reward>."""
+    return "grpo" if reward == "ps" else f"grpo-{reward}"
+
+
 def run_ablation(recipe: Recipe, rewards=REWARDS, quiet=False) -> dict:
     """SFT vs GRPO (outcome) vs PS-GRPO vs Variant 1 vs Variant 2, same seeds, prompts and budget:
     each variant trains into runs/<name>/grpo-<reward>/ from the same SFT and PRM."""
@@ -879,9 +923,31 @@ def run_ablation(recipe: Recipe, rewards=REWARDS, quiet=False) -> dict:
     times = {}
     for r in rewards:
         t = time.time()
-        stage_grpo(run, recipe, tok, quiet=quiet, reward=r, out_name=f"grpo-{r}")
+        # PS-GRPO is the recipe's main run (runs/<name>/grpo): same seeds and budget, reused
+        stage_grpo(run, recipe, tok, quiet=quiet, reward=r)
         times[r] = time.time() - t
-    return evaluate.ablation_table(run, recipe, rewards, times, quiet=quiet)
+    return evaluate.ablation_table(run, recipe, {r: grpo_dir_name(r) for r in rewards}, times, quiet=quiet)
+
+
+def apply_overrides(recipe: Recipe, args):
+    """Command-line settings of one stage onto the recipe (a no-op for flags left unset)."""
+    for flag, attr in (("init", "init"), ("data", "stage_data"), ("prm", "prm_dir"), ("max_len", "max_len"),
+                       ("prompts_per_step", "grpo_prompts"), ("group", "grpo_group"),
+                       ("temperature", "grpo_temperature"), ("max_prompt_len", "max_prompt_len"),
+                       ("max_new_tokens", "max_new_tokens"), ("kl_coef", "grpo_beta"), ("clip_eps", "grpo_clip"),
+                       ("ps_gamma", "ps_gamma"), ("ps_rho", "ps_rho"), ("gen_batch", "gen_batch")):
+        if getattr(args, flag, None) is not None:
+            setattr(recipe, attr, getattr(args, flag))
+    stage = args.stage if args.stage in ("pretrain", "align", "sft", "prm", "grpo") else None
+    opt_flags = {"lr": "lr", "steps": "steps", "epochs": "epochs", "batch_size": "batch_size",
+                 "micro_batch": "micro_batch", "warmup_ratio": "warmup_ratio", "weight_decay": "weight_decay"}
+    given = {a: getattr(args, f) for f, a in opt_flags.items() if getattr(args, f, None) is not None}
+    if args.fp32:
+        given["bf16"] = False
+    if (given or args.init or args.data) and stage is None:
+        raise SystemExit("train.py: --init/--data/--lr/... set one stage's settings: name the stage")
+    if given:
+        setattr(recipe, stage, replace(getattr(recipe, stage), **given))
 
 
 def main(argv=None):
@@ -892,6 +958,29 @@ def main(argv=None):
     p.add_argument("--reward", choices=REWARDS, default=None,
                    help="grpo reward: outcome (GRPO), ps (PS-GRPO, default), v1, v2 (Appendix B.1)")
     p.add_argument("--grpo-steps", type=int, default=None, help="override the GRPO step budget")
+    o = p.add_argument_group("one stage's settings (override the recipe; for real data and the 8B model)")
+    o.add_argument("--init", help="the stage's starting model directory (default: the previous stage's)")
+    o.add_argument("--data", help="the stage's data file (align/sft: conversations; prm: DualMath; grpo: problems)")
+    o.add_argument("--prm", help="grpo: the PRM model directory (default <run>/prm/model)")
+    o.add_argument("--lr", type=float, help="peak learning rate")
+    o.add_argument("--steps", type=int, help="optimizer steps")
+    o.add_argument("--epochs", type=float, help="epochs over the stage's data (sets the step count)")
+    o.add_argument("--batch-size", type=int, help="rows per optimizer step (all ranks together)")
+    o.add_argument("--micro-batch", type=int, help="rows per forward/backward on one rank")
+    o.add_argument("--warmup-ratio", type=float, help="linear warmup fraction of the steps")
+    o.add_argument("--weight-decay", type=float, help="AdamW weight decay")
+    o.add_argument("--fp32", action="store_true", help="no bf16 (autocast, or FSDP mixed precision)")
+    o.add_argument("--max-len", type=int, help="truncate training sequences to this many tokens")
+    o.add_argument("--prompts-per-step", type=int, help="grpo: prompts per optimizer step")
+    o.add_argument("--group", type=int, help="grpo: rollouts per prompt (G)")
+    o.add_argument("--temperature", type=float, help="grpo: sampling temperature")
+    o.add_argument("--max-prompt-len", type=int, help="grpo: drop prompts longer than this")
+    o.add_argument("--max-new-tokens", type=int, help="longest response sampled")
+    o.add_argument("--kl-coef", type=float, help="grpo: beta of the k3 KL term (paper 0.003)")
+    o.add_argument("--clip-eps", type=float, help="grpo: clip epsilon of the surrogate")
+    o.add_argument("--ps-gamma", type=float, help="grpo: PS reward penalty gamma (Eq. 6)")
+    o.add_argument("--ps-rho", type=float, help="grpo: drop-moment threshold rho (Eq. 5)")
+    o.add_argument("--gen-batch", type=int, help="grpo: rollouts decoded at once")
     p.add_argument("--quick", action="store_true", help="smoke-size recipe (about a minute)")
     p.add_argument("--run", "--run-dir", dest="run", default=None,
                    help="run directory (default runs/toy or runs/quick); under torchrun write --run-dir "
@@ -926,6 +1015,7 @@ def _main(args):
         recipe.name = Path(args.run).name
     if args.grpo_steps:
         recipe.grpo.steps = args.grpo_steps
+    apply_overrides(recipe, args)
     if args.reward:
         recipe.grpo_reward = args.reward
     if args.stage == "all":

@@ -185,3 +185,22 @@ def test_failed_stage_leaves_no_result(micro_run, tmp_path):
     with pytest.raises(DataError, match="cot_train.jsonl:1"):
         train.stage_sft(r2, recipe, tok, quiet=True)
     assert not (r2 / "sft" / "model").exists() and not train.stage_done(r2 / "sft")
+
+
+def test_stage_flags_override_one_stage_and_epochs_set_steps():
+    import argparse
+    r = train.Recipe()
+    args = argparse.Namespace(stage="sft", init="m", data="d.jsonl", prm=None, max_len=4096, prompts_per_step=None,
+                              group=None, temperature=None, max_prompt_len=None, max_new_tokens=None, kl_coef=None,
+                              clip_eps=None, ps_gamma=None, ps_rho=None, gen_batch=None, lr=1e-5, steps=None,
+                              epochs=2.0, batch_size=128, micro_batch=1, warmup_ratio=0.02, weight_decay=0.01,
+                              fp32=True)
+    train.apply_overrides(r, args)
+    assert (r.init, r.stage_data, r.max_len) == ("m", "d.jsonl", 4096)
+    assert (r.sft.lr, r.sft.batch_size, r.sft.micro_batch, r.sft.bf16, r.sft.epochs) == (1e-5, 128, 1, False, 2.0)
+    assert r.align.lr == train.Recipe().align.lr                       # other stages untouched
+    # 2 epochs over 1000 rows at 128 rows per step: ceil(2000 / 128) = 16 steps
+    assert train.with_epochs(r.sft, 1000, 128).steps == 16
+    args.stage = "all"
+    with pytest.raises(SystemExit, match="name the stage"):
+        train.apply_overrides(train.Recipe(), args)

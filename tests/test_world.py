@@ -224,13 +224,18 @@ def test_shapes_total_solution_by_hand():
     p = make_problem(0, "train", "shapes")
     sc = p.facts["scene"]["shapes"]
     assert p.facts["qtype"] == "total"
-    # the picture (see the image): two red circles, one green circle, one blue triangle
+    # the picture (see the image): a green and a red triangle, a blue square, a green circle and
+    # two blue circles
     assert sorted((kind, colour) for _c, kind, colour, *_ in sc) == [
-        ("circle", "green"), ("circle", "red"), ("circle", "red"), ("triangle", "blue")]
-    assert p.question.startswith("Circles are worth 7, squares 4 and triangles 8.")
-    assert p.steps == ["Step 1: There are 3 circles.", "Step 2: There is 1 triangle.",
-                       "Step 3: 3 * 7 = 21.", "Step 4: 1 * 8 = 8.", "Step 5: 21 + 8 = 29."]
-    assert p.answer == "29"
+        ("circle", "blue"), ("circle", "blue"), ("circle", "green"), ("square", "blue"),
+        ("triangle", "green"), ("triangle", "red")]
+    assert p.question.startswith("Circles are worth 2, squares 3 and triangles 3.")
+    assert p.choices == ["17", "18", "25", "15"]
+    # 3 * 2 + 1 * 3 + 2 * 3 = 15 -> option D
+    assert p.steps == ["Step 1: There are 3 circles.", "Step 2: There is 1 square.",
+                       "Step 3: There are 2 triangles.", "Step 4: 3 * 2 = 6.", "Step 5: 1 * 3 = 3.",
+                       "Step 6: 2 * 3 = 6.", "Step 7: 6 + 3 + 6 = 15.", "Step 8: 15 is option D."]
+    assert p.answer == "D"
 
 
 # ---- images and attributes -------------------------------------------------------------------
@@ -329,21 +334,20 @@ def test_corrupt_is_coherent_and_wrong(problems):
 
 
 def test_corrupt_by_hand():
-    p = make_problem(0, "train", "shapes")      # 3 circles (7 each), 1 triangle (8): 29
+    p = make_problem(0, "train", "shapes")      # 3 circles (2 each), 1 square (3), 2 triangles (3): 15 = D
     rng = random.Random(5)
     seen = set()
     for _ in range(40):
         steps, ans, i = corrupt(p, rng)
         seen.add((i, steps[i], ans))
-    # misreadings: circles 2 or 4 (22, 36), a phantom square (33), 2 triangles (37)
-    assert {(s, a) for _i, s, a in seen} <= {("Step 1: There are 2 circles.", "22"),
-                                             ("Step 1: There are 4 circles.", "36"),
-                                             ("Step 2: There is 1 square.", "33"),
-                                             ("Step 2: There are 2 triangles.", "37")}
-    assert len(seen) >= 3
-    steps, ans, i = next((s, a, i) for s, a, i in (corrupt(p, random.Random(k)) for k in range(40)) if a == "36")
-    assert steps == ["Step 1: There are 4 circles.", "Step 2: There is 1 triangle.",
-                     "Step 3: 4 * 7 = 28.", "Step 4: 1 * 8 = 8.", "Step 5: 28 + 8 = 36."]
+    # multiple choice: only misreadings whose total is an option count: 4 circles -> 17 (A),
+    # 2 squares -> 18 (B), 3 triangles -> 18 (B); 2 circles -> 13 is not an option
+    assert seen == {(0, "Step 1: There are 4 circles.", "A"), (1, "Step 2: There are 2 squares.", "B"),
+                    (2, "Step 3: There are 3 triangles.", "B")}
+    steps, ans, i = next((s, a, i) for s, a, i in (corrupt(p, random.Random(k)) for k in range(40)) if a == "A")
+    assert steps == ["Step 1: There are 4 circles.", "Step 2: There is 1 square.", "Step 3: There are 2 triangles.",
+                     "Step 4: 4 * 2 = 8.", "Step 5: 1 * 3 = 3.", "Step 6: 2 * 3 = 6.", "Step 7: 8 + 3 + 6 = 17.",
+                     "Step 8: 17 is option A."]
 
 
 # ---- hard split --------------------------------------------------------------------------------

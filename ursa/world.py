@@ -75,11 +75,11 @@ NUM_ATTR_VALUES = MAX_SHAPES + 1
 class WorldKnobs:
     """Difficulty of one split. Ranges are inclusive (lo, hi); a question type listed twice is
     drawn twice as often."""
-    shapes_count: tuple = (1, 9)        # shapes on the 4x4 cells (at most MAX_SHAPES)
-    shape_value: tuple = (2, 9)         # value of each kind, stated in the text
+    shapes_count: tuple = (1, 6)        # shapes on the 4x4 cells (at most MAX_SHAPES)
+    shape_value: tuple = (1, 5)         # value of each kind, stated in the text
     shapes_qtypes: tuple = ("total", "colour")
     bars_count: tuple = (3, 4)
-    bar_height: tuple = (1, 9)          # at most BAR_MAX
+    bar_height: tuple = (1, 8)          # at most BAR_MAX
     bar_scale: tuple = (2, 9)           # only for "scaled_total"
     bars_qtypes: tuple = ("sum2", "diff", "tallest", "total")
     grid_side: tuple = (2, 6)           # rectangle / L-shape sides in units (at most GRID_UNITS)

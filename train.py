@@ -392,9 +392,9 @@ class Recipe:
     vocab_size: int = 512
     pretrain: Opt = field(default_factory=lambda: Opt(steps=250, lr=2e-3, ckpt_every=50))
     align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40))
-    sft: Opt = field(default_factory=lambda: Opt(steps=260, lr=1.5e-3, ckpt_every=50))
+    sft: Opt = field(default_factory=lambda: Opt(steps=500, lr=1e-3, ckpt_every=50))
     train_vision_in_sft: bool = True
-    label: dict = field(default_factory=lambda: dict(n_problems=600, k_samples=4, n_probe=8, compare_mc=60))
+    label: dict = field(default_factory=lambda: dict(n_problems=300, k_samples=4, n_probe=8, compare_mc=60))
     prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02, ckpt_every=50))
     prm_heldout: float = 0.1
     bon_samples: int = 16

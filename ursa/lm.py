@@ -109,14 +109,13 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)                                   # [B, Hkv, Tk, hd]
-        rep = cfg.num_heads // cfg.num_kv_heads
-        if rep > 1:                                                            # [B, Hq, Tk, hd]
-            k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, cfg.num_heads, -1, hd)
-            v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(B, cfg.num_heads, -1, hd)
+        # grouped-query attention: SDPA maps query head h to kv head h // (Hq / Hkv) itself
+        # (enable_gqa), so the cache is never copied per query head
+        gqa = cfg.num_heads != cfg.num_kv_heads
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, cfg.num_heads * hd)                # [B, T, H]
         return self.o_proj(y)
 

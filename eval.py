@@ -246,6 +246,8 @@ def main(argv=None):
     p.add_argument("--benchmark", help="benchmark of the rescored file (mathvista, mathverse, mathvision, "
                                        "dynamath, wemath, geoqa)")
     p.add_argument("--prm", help="PRM model directory: adds PRM best-of-N (toy: N = 1, 2, 4, ..., --n)")
+    p.add_argument("--prm-diagnosis", action="store_true",
+                   help="with --prm: PRM scores of right vs wrong samples, drop-moment rates, length bias")
     p.add_argument("--how", default="mean", choices=("min", "mean", "last", "product"),
                    help="best-of-N aggregation of the step scores (benchmark mode)")
     p.add_argument("--image-root", help="folder the benchmark records' image paths are relative to")
@@ -274,7 +276,10 @@ def main(argv=None):
     print(f"greedy      {fmt_acc(g['first'], g['n'])}   ({args.data}, {mode} images)")
     if args.out:
         write_responses(args.out, recs, g)
-    if args.prm:
+    if args.prm and args.prm_diagnosis:
+        print(prm_diagnosis(model, load_model(args.prm).eval(), tok, recs, base, n=max(1, args.n),
+                            max_new_tokens=args.max_new_tokens, seed=args.seed))
+    elif args.prm:
         prm = load_model(args.prm).eval()
         table, _, _, _ = prm_eval(model, prm, tok, recs, base, n=max(1, args.n), max_new_tokens=args.max_new_tokens,
                                   seed=args.seed, greedy=g)
@@ -284,6 +289,31 @@ def main(argv=None):
                      max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
                      image_mode=mode)
         print(f"maj@{args.n:<7} {fmt_acc(s['maj'], s['n'])}   single sample {100 * s['sample_acc']:.1f}%")
+
+
+def prm_diagnosis(policy, prm, tok, records, base: Path, n: int = 8, max_new_tokens: int = 96,
+                  seed: int = 0) -> str:
+    """Why does best-of-N pick what it picks? Mean / min step scores and drop-moment rates of right vs
+    wrong samples, and samples with fewer steps than the reference solution (the length bias of
+    Appendix B.1)."""
+    from statistics import mean
+    from ursa.grpo import drop_moment
+    from ursa.prm import aggregate, split_steps
+    s = evaluate(policy, tok, records, base, n=n, temperature=1.0, max_new_tokens=max_new_tokens, seed=seed)
+    px = problem_pixels(records, base, policy.cfg.vision)
+    sc = PRMScorer(prm, tok, base).score_responses(records, s["responses"], px)
+    rows = [(c, len(split_steps(t)[0]) < len(r.get("steps", [])), aggregate(x, "mean"), aggregate(x, "min"),
+             drop_moment(x) if x else 0.0)
+            for i, r in enumerate(records) for t, c, x in zip(s["responses"][i], s["correct"][i], sc[i])]
+    out = []
+    for name, R in (("right samples", [r for r in rows if r[0]]), ("wrong samples", [r for r in rows if not r[0]]),
+                    ("fewer steps than the reference", [r for r in rows if r[1]]),
+                    ("as many steps or more", [r for r in rows if not r[1]])):
+        if R:
+            out.append(f"{name:<32} {len(R):5d}  accuracy {100 * mean(r[0] for r in R):5.1f}%  PRM mean "
+                       f"{mean(r[2] for r in R):.3f}  min {mean(r[3] for r in R):.3f}  drop-moment >= 0.3: "
+                       f"{100 * mean(r[4] >= 0.3 for r in R):.0f}%")
+    return "\n".join(out)
 
 
 def run_released_benchmark(args, p):
@@ -306,9 +336,6 @@ def run_released_benchmark(args, p):
     write_jsonl_atomic(args.out, recs)
     print(format_report(rescore(args.out, args.benchmark)))
 
-
-if __name__ == "__main__":
-    main()
 
 
 # ---- PRM scoring and best-of-N (Stage II, test time) -------------------------------------------------
@@ -396,3 +423,7 @@ def prm_eval(policy, prm, tok, records, base: Path, n: int = 16, max_new_tokens:
     scores = PRMScorer(prm, tok, base).score_responses(records, s["responses"], px)
     table, res = best_of_n_table(records, s, scores, [c[0] for c in g["correct"]])
     return table, res, s, scores
+
+
+if __name__ == "__main__":
+    main()

@@ -228,7 +228,7 @@ class PolicyCompleter:
                 for it, p, ts in zip(items, prefixes, texts)]
 
 
-def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 600, k_samples: int = 4,
+def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_samples: int = 4,
                    n_probe: int = 8, chunk: int = 50, mie_per_problem: float = 0.5, correct_ratio: float = 1 / 3,
                    compare_mc: int = 60, batch_size: int = 256, max_new_tokens: int = 96, seed: int = 0,
                    progress: bool = True) -> dict:
@@ -388,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("label", help="DualMath: sample with the SFT policy, BEL on wrong solutions, MIE, correct")
     lb.add_argument("--run", default="runs/toy", help="run folder with sft/model and tokenizer.json")
     lb.add_argument("--data", default="data/toy", help="world folder (reads cot_train.jsonl)")
-    lb.add_argument("--n-problems", type=int, default=600, help="training problems to sample")
+    lb.add_argument("--n-problems", type=int, default=300, help="training problems to sample")
     lb.add_argument("--k-samples", type=int, default=4, help="solutions sampled per problem (T=1.0, top-p 0.95)")
     lb.add_argument("--n-probe", type=int, default=8, help="completions per BEL probe (T=0.3)")
     lb.add_argument("--compare-mc", type=int, default=60, help="wrong solutions also labelled by per-step MC")

@@ -204,3 +204,16 @@ def test_stage_flags_override_one_stage_and_epochs_set_steps():
     args.stage = "all"
     with pytest.raises(SystemExit, match="name the stage"):
         train.apply_overrides(train.Recipe(), args)
+
+
+def test_eval_cli_prm_table_and_diagnosis(micro_run, capsys):
+    import eval as ev
+    tmp, run, _ = micro_run
+    args = ["--model", str(run / "sft" / "model"), "--data", str(tmp / "data" / "test.jsonl"),
+            "--prm", str(run / "prm" / "model"), "--n", "2", "--max-new-tokens", "16"]
+    ev.main(args)
+    out = capsys.readouterr().out
+    assert "| N | greedy | maj@N | PRM min | PRM mean" in out and "\n| 2 |" in out
+    ev.main(args + ["--prm-diagnosis"])
+    out = capsys.readouterr().out
+    assert "wrong samples" in out and "drop-moment >= 0.3" in out

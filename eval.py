@@ -235,6 +235,7 @@ def main(argv=None):
     p.add_argument("--model", help="a model directory (config.json + safetensors)")
     p.add_argument("--tokenizer", help="tokenizer.json (default: the run directory's, two levels up)")
     p.add_argument("--data", help="problem records (JSONL)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N records of --data")
     p.add_argument("--n", type=int, default=8, help="samples per problem for maj@N (0: greedy only)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for maj@N")
     p.add_argument("--max-new-tokens", type=int, default=96)
@@ -268,7 +269,7 @@ def main(argv=None):
         return run_released_benchmark(args, p)
     model = load_model(args.model).eval()
     tok = Tokenizer.from_file(args.tokenizer or Path(args.model).parent.parent / "tokenizer.json")
-    recs = load_problems(args.data)
+    recs = load_problems(args.data)[:args.limit]
     base = Path(args.data).parent
     mode = "blank" if args.blank_images else "shuffled" if args.shuffled_images else "normal"
     g = evaluate(model, tok, recs, base, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

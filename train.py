@@ -1018,13 +1018,18 @@ def _main(args):
     apply_overrides(recipe, args)
     if args.reward:
         recipe.grpo_reward = args.reward
-    if args.stage == "all":
-        run_all(recipe)
-    elif args.stage == "ablation":
-        run_ablation(recipe)
-    else:
-        run = Path(args.run) if args.run else Path("runs") / recipe.name
-        run_stage(args.stage, run, recipe, stop_after=args.stop_after)
+    try:
+        if args.stage == "all":
+            run_all(recipe)
+        elif args.stage == "ablation":
+            run_ablation(recipe)
+        else:
+            run = Path(args.run) if args.run else Path("runs") / recipe.name
+            run_stage(args.stage, run, recipe, stop_after=args.stop_after)
+    except (ValueError, FileNotFoundError) as e:   # bad input: one line naming the file / record
+        if DIST is not None:
+            raise
+        raise SystemExit(f"train.py {args.stage}: {e}")
 
 
 if __name__ == "__main__":

@@ -275,6 +275,11 @@ def main(argv=None):
     g = evaluate(model, tok, recs, base, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                  image_mode=mode)
     print(f"greedy      {fmt_acc(g['first'], g['n'])}   ({args.data}, {mode} images)")
+    fams = sorted({r["family"] for r in recs if "family" in r})
+    if fams:
+        print("  by family: " + ", ".join(
+            f"{f} {fmt_acc(sum(c[0] for r, c in zip(recs, g['correct']) if r.get('family') == f), sum(r.get('family') == f for r in recs)).strip()}"
+            for f in fams))
     if args.out:
         write_responses(args.out, recs, g)
     if args.prm and args.prm_diagnosis:

@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Optional
 
@@ -30,7 +29,7 @@ import torch
 from tqdm import tqdm
 
 from ursa.answer import extract_answer, is_equiv
-from ursa.data import DataError, image_path, load_image, read_jsonl, write_jsonl_atomic
+from ursa.data import image_path, load_image, read_jsonl, write_jsonl_atomic
 from ursa.generate import sample_texts
 from ursa.prm import majority_vote
 from ursa.tokenizer import Tokenizer
@@ -395,7 +394,7 @@ def best_of_n_table(records, result: dict, scores: list, greedy_correct: list, n
     """The shape of the paper's Table 2: for each N, accuracy of maj@N, PRM best-of-N under each
     aggregation and the PRM-weighted vote, all on the first N samples of each problem."""
     from ursa.prm import AGGREGATIONS, aggregate, best_of_n, prm_weighted_vote
-    rows, res = [], {}
+    res = {}
     n_max = len(result["responses"][0])
     ns = [n for n in ns if n <= n_max]
     greedy = sum(greedy_correct) / len(records)

@@ -23,9 +23,8 @@ import json
 import math
 import random
 import shutil
-import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -738,7 +737,7 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, stop_after=None, quiet
     run samples exactly what the uninterrupted one would."""
     import eval as ev
     from ursa.generate import Generation, generate
-    from ursa.grpo import (completion_mask, drop_moment, group_advantages, outcome_reward,
+    from ursa.grpo import (drop_moment, group_advantages, outcome_reward,
                            policy_loss, ps_reward, token_logprobs, variant1_reward, variant2_advantages)
     from ursa.prm import split_steps
     reward = reward or recipe.grpo_reward

@@ -19,7 +19,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ursa.config import ModelConfig
 from ursa.lm import KVCache, Qwen2LM

@@ -16,9 +16,8 @@ built by position, never by comparing ids to pad, so an EOS is never masked out 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 

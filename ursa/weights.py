@@ -19,7 +19,6 @@ crash never leaves half a checkpoint. Only safetensors and JSON are read: nothin
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Callable, Iterable, Optional

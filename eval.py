@@ -93,8 +93,9 @@ def evaluate(model, tok, records, base: Path, n: int = 1, temperature: float = 0
                             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                             generator=g, progress=bar)
     bar.close()
-    ext = [[judge(r, t)[0] for t in ts] for r, ts in zip(records, texts)]
-    cor = [[judge(r, t)[1] for t in ts] for r, ts in zip(records, texts)]
+    verdicts = [[judge(r, t) for t in ts] for r, ts in zip(records, texts)]      # (extracted, correct)
+    ext = [[v[0] for v in vs] for vs in verdicts]
+    cor = [[v[1] for v in vs] for vs in verdicts]
     maj = [is_equiv(majority_vote(e), str(r["answer"]), r.get("choices")) for r, e in zip(records, ext)]
     return {"responses": texts, "extracted": ext, "correct": cor,
             "first": sum(c[0] for c in cor), "maj": sum(maj), "n": len(records),
@@ -365,11 +366,8 @@ class PRMScorer:
         from ursa.prm import batch_step_scores
         out = []
         for s in range(0, len(tagged), self.batch_size):
-            ex = [Example(self.encode(q, t), [0], pixels[s + i]) for i, (q, t) in
-                  enumerate(zip(questions[s:s + self.batch_size], tagged[s:s + self.batch_size]))]
-            for e in ex:
-                e.loss_mask = [0] * len(e.ids)
-            b = collate(ex, self.tok.pad_id)
+            ids = [self.encode(q, t) for q, t in zip(questions[s:s + self.batch_size], tagged[s:s + self.batch_size])]
+            b = collate([Example(x, [0] * len(x), pixels[s + i]) for i, x in enumerate(ids)], self.tok.pad_id)
             v = self.model(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, logits=False,
                            values=True).values
             out.extend(batch_step_scores(v.float(), b.input_ids == self.tok.tag_id))

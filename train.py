@@ -302,8 +302,8 @@ def write_result(stage_dir: Path, model: URSAModel, info: dict):
 class ExampleSet:
     """Encoded examples (ids, loss mask) and their images as uint8 [N, 3, S, S] (or none)."""
 
-    def __init__(self, ids: list, masks: list, images_u8: Optional[torch.Tensor], extra: Optional[list] = None):
-        self.ids, self.masks, self.images, self.extra = ids, masks, images_u8, extra
+    def __init__(self, ids: list, masks: list, images_u8: Optional[torch.Tensor]):
+        self.ids, self.masks, self.images = ids, masks, images_u8
 
     def __len__(self):
         return len(self.ids)
@@ -338,7 +338,7 @@ def encode_conversations(path: Path, tok: Tokenizer, cfg: ModelConfig, limit: Op
         ids.append(i)
         masks.append(m)
     imgs = load_images_u8(recs, Path(path).parent, cfg.vision) if with_images else None
-    return ExampleSet(ids, masks, imgs, recs)
+    return ExampleSet(ids, masks, imgs)
 
 
 def order(n: int, step: int, batch: int, seed: int) -> list:

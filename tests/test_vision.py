@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ursa.config import SamConfig, ViTConfig, VisionConfig, get_config
+from ursa.config import ViTConfig, get_config
 from ursa.vision import (SamBlock, SamViT, SiglipViT, VisionTower, preprocess, preprocess_batch,
                          rel_pos_bias, window_partition, window_unpartition)
 

@@ -178,7 +178,7 @@ def test_answer_matches_an_independent_formula(problems):
 
 def test_perception_steps_state_image_facts_and_arithmetic_is_true(problems):
     for p in _all(problems):
-        sc, g = p.facts["scene"], p.facts["given"]
+        sc = p.facts["scene"]
         n_per = len(p.perception_steps)
         assert p.perception_steps == list(range(n_per)) and n_per >= 1
         seen = {}

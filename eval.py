@@ -354,33 +354,14 @@ class PRMScorer:
     def __init__(self, model, tok, base: Path, batch_size: int = 64):
         self.model, self.tok, self.base, self.batch_size = model.eval(), tok, Path(base), batch_size
 
-    def encode(self, question: str, tagged: str) -> list:
-        from ursa.prm import prm_user_text
-        return self.tok.encode_prompt(prm_user_text(question, tagged), image=True,
-                                      num_image_tokens=self.model.cfg.vision.num_tokens)
-
-    @torch.no_grad()
-    def score(self, questions: list, tagged: list, pixels: torch.Tensor) -> list:
-        """questions/tagged: one per solution; pixels [n, 3, S, S]. -> list of step-score lists."""
-        from ursa.data import Example, collate
-        from ursa.prm import batch_step_scores
-        out = []
-        for s in range(0, len(tagged), self.batch_size):
-            ids = [self.encode(q, t) for q, t in zip(questions[s:s + self.batch_size], tagged[s:s + self.batch_size])]
-            b = collate([Example(x, [0] * len(x), pixels[s + i]) for i, x in enumerate(ids)], self.tok.pad_id)
-            v = self.model(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, logits=False,
-                           values=True).values
-            out.extend(batch_step_scores(v.float(), b.input_ids == self.tok.tag_id))
-        return out
-
     def score_responses(self, records, responses: list, pixels: torch.Tensor) -> list:
         """responses[i]: list of response texts of record i -> scores[i][j] (list of step scores)."""
-        from ursa.prm import insert_tags
-        qs, tg, px = [], [], []
+        from ursa.prm import score_responses
+        qs, tx, px = [], [], []
         for i, (r, rs) in enumerate(zip(records, responses)):
             for t in rs:
-                qs.append(r["question"]), tg.append(insert_tags(t)), px.append(i)
-        flat = self.score(qs, tg, pixels[torch.tensor(px)])
+                qs.append(r["question"]), tx.append(t), px.append(i)
+        flat = score_responses(self.model, self.tok, qs, tx, pixels[torch.tensor(px)], self.batch_size)
         out, k = [], 0
         for rs in responses:
             out.append(flat[k:k + len(rs)])

@@ -581,22 +581,21 @@ class PRMData:
     solution with a tag after every step; labels at the tags (Eq. 4)."""
 
     def __init__(self, records, tok: Tokenizer, cfg: ModelConfig, base: Path, max_len: Optional[int] = None):
-        from ursa.prm import prm_user_text, tag_steps
-        self.records, self.labels, self.ids = records, [r["labels"] for r in records], []
+        from ursa.prm import prm_input, tag_steps
+        self.labels, self.ids, self.pos = [r["labels"] for r in records], [], []
         for r in records:
-            user = prm_user_text(r["question"], tag_steps(r["steps"], r["answer"]))
-            ids = tok.encode_prompt(user, image=True, num_image_tokens=cfg.vision.num_tokens)
+            ids, pos = prm_input(tok, r["question"], tag_steps(r["steps"], r["answer"]), cfg.vision.num_tokens)
             self.ids.append(ids[:max_len] if max_len else ids)     # truncation drops the late tags' labels
+            self.pos.append(pos)
         self.images = load_images_u8(records, base, cfg.vision)
-        self.tag_id = tok.tag_id
 
     def __len__(self):
         return len(self.ids)
 
     def batch(self, idx, pad_id: int):
-        from ursa.prm import align_labels
+        from ursa.prm import labels_at
         b = collate([Example(self.ids[i], [0] * len(self.ids[i]), self.images[i].float() / 255.0) for i in idx], pad_id)
-        lab, mask = align_labels(b.input_ids, self.tag_id, [self.labels[i] for i in idx])
+        lab, mask = labels_at([self.pos[i] for i in idx], [self.labels[i] for i in idx], b.input_ids.shape[1])
         return b, lab, mask
 
 
@@ -613,13 +612,13 @@ def split_by_problem(records, heldout_frac: float, seed: int = 0):
 def prm_heldout_metrics(model, data: PRMData, pad_id: int, batch_size: int = 64) -> dict:
     """Step accuracy at 0.5, ROC AUC, and first-error accuracy (by the first step below 0.5 and
     by the lowest-scoring step) on records that have a wrong step."""
-    from ursa.prm import auc, batch_step_scores, first_error_hit
+    from ursa.prm import auc, first_error_hit, step_scores
     model.eval()
     scores = []
     for s in range(0, len(data), batch_size):
         b, lab, mask = data.batch(list(range(s, min(len(data), s + batch_size))), pad_id)
         v = model(b.input_ids, b.pixel_values, attention_mask=b.attention_mask, logits=False, values=True).values
-        scores.extend(batch_step_scores(v.float(), mask))
+        scores.extend(step_scores(v.float(), mask))
     flat_s = [x for sc in scores for x in sc]
     flat_l = [y for sc, lab in zip(scores, data.labels) for y in lab[:len(sc)]]
     hits_t = hits_m = n_err = 0

@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from ursa import prm
-from ursa.prm import (aggregate, align_labels, auc, best_of_n, count_tags, first_error_hit,
-                      insert_tags, join_steps, majority_vote, prm_loss, prm_user_text,
-                      prm_weighted_vote, split_steps, step_metrics, step_scores, tag_positions,
-                      tag_steps)
+from ursa.prm import (aggregate, auc, best_of_n, count_tags, first_error_hit, insert_tags, join_steps,
+                      labels_at, majority_vote, positions_mask, prm_input, prm_loss, prm_user_text,
+                      prm_weighted_vote, score_responses, score_steps, split_steps, step_metrics,
+                      step_scores, tag_steps)
+from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 
 T = " и"
 SOL = "Step 1: There are 3 red circles.\n\nStep 2: 3 * 5 = 15.\n\n†Answer: 15"
@@ -93,24 +94,71 @@ def test_prm_user_text_exact():
 
 # ---- token level -----------------------------------------------------------------------------
 
-def test_tag_positions_mask_and_list():
-    ids = torch.tensor([[5, 9, 1, 9], [9, 2, 2, 2]])
-    assert tag_positions(ids, 9).tolist() == [[False, True, False, True], [True, False, False, False]]
-    assert tag_positions([5, 9, 1, 9], 9) == [1, 3]
+@pytest.fixture(scope="module")
+def tok():
+    texts = [Tokenizer.chat_prompt(prm_user_text("How many red circles?", tag_steps(
+        ["Step 1: There are 3 red circles.", "Step 2: 3 * 5 = 15."], "15")))] * 20
+    return train_toy_tokenizer(texts, vocab_size=300)
 
 
-def test_align_labels_with_truncation():
-    ids = torch.tensor([[1, 7, 2, 7, 3, 7],     # 3 tags, 3 labels
-                        [1, 2, 7, 3, 0, 0],     # truncated: 1 tag, 3 labels -> first label only
-                        [1, 2, 3, 4, 5, 6]])    # fully truncated: no tag
-    lab, mask = align_labels(ids, 7, [[1, 1, 0], [0, 0, 0], [1, 0]])
+def test_prm_input_reads_only_the_solutions_tags_after_image_expansion(tok):
+    # the question itself holds the tag text: that token must not be read
+    q = "Is this" + T + " right?"
+    tagged = tag_steps(["Step 1: a.", "Step 2: b."], "C")
+    ids, pos = prm_input(tok, q, tagged, num_image_tokens=5)
+    plain = tok.encode(Tokenizer.chat_prompt(prm_user_text(q, tagged)))     # no expansion
+    tag_idx = [i for i, t in enumerate(plain) if t == tok.tag_id]
+    assert len(tag_idx) == 3                                               # 1 in the question + 2
+    assert ids == tok.expand_image(plain, 5)
+    assert pos == [i + 4 for i in tag_idx[1:]]                             # +4: one placeholder -> 5
+    assert all(ids[p] == tok.tag_id for p in pos)
+    _, pos0 = prm_input(tok, q, tagged, num_image_tokens=5, image=False)
+    assert pos0 == [i - 1 for i in tag_idx[1:]]                            # no placeholder at all
+
+
+def test_labels_at_and_truncation():
+    lab, mask = labels_at([[1, 3, 5], [2, 6, 7], []], [[1, 1, 0], [0, 0, 0], []], T=6)
     assert mask.tolist() == [[0, 1, 0, 1, 0, 1], [0, 0, 1, 0, 0, 0], [0] * 6]
     assert lab.tolist() == [[0, 1, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0], [0] * 6]
     assert lab.dtype == torch.float32 and mask.dtype == torch.bool
-    with pytest.raises(ValueError, match="row 1 has 2 step tags but only 1 labels"):
-        align_labels(torch.tensor([[7, 1], [7, 7]]), 7, [[1], [1]])
+    with pytest.raises(ValueError, match="row 1 has 2 step tags but 1 labels"):
+        labels_at([[0], [0, 1]], [[1], [1]], 4)
     with pytest.raises(ValueError, match="2 rows"):
-        align_labels(torch.tensor([[7, 1], [7, 7]]), 7, [[1]])
+        labels_at([[0], [1]], [[1]], 4)
+    assert positions_mask([[0, 9]], 3).tolist() == [[True, False, False]]
+
+
+class _PositionModel(torch.nn.Module):
+    """A stand-in PRM whose value logit at position t is t / 10: the scores reveal the positions read."""
+
+    def __init__(self, num_tokens=2):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        from types import SimpleNamespace
+        self.cfg = SimpleNamespace(value_head=True, vision=SimpleNamespace(num_tokens=num_tokens))
+        self.seen_rows = []
+
+    def forward(self, ids, px, attention_mask=None, logits=False, values=True):
+        from types import SimpleNamespace
+        self.seen_rows.append((ids.shape, 0 if px is None else px.shape[0]))
+        t = torch.arange(ids.shape[1], dtype=torch.float32).expand(ids.shape) / 10
+        return SimpleNamespace(values=t + 0 * self.w)
+
+
+def test_score_steps_reads_the_tag_positions_in_input_order(tok):
+    m = _PositionModel()
+    qs = ["How many?", "How many red circles?"]
+    tagged = [tag_steps(["Step 1: a."], "1"), tag_steps(["Step 1: There are 3 red circles.", "Step 2: 3 * 5 = 15."], "15")]
+    px = torch.zeros(2, 3, 4, 4)
+    got = score_steps(m, tok, qs, tagged, px, batch_size=1)
+    for q, t, g in zip(qs, tagged, got):
+        _, pos = prm_input(tok, q, t, 2)
+        assert g == pytest.approx([1 / (1 + math.exp(-p / 10)) for p in pos])
+    assert [n for _, n in m.seen_rows] == [1, 1]                    # one image per row
+    # a response without any tag scores []; insert_tags is the test-time rule
+    assert score_responses(m, tok, ["q"], ["no steps here"], None)[0] == pytest.approx(
+        [1 / (1 + math.exp(-prm_input(tok, "q", insert_tags("no steps here"), 2, image=False)[1][0] / 10))])
+    assert score_steps(m, tok, ["q"], ["nothing tagged"], None) == [[]]
 
 
 # ---- loss ------------------------------------------------------------------------------------
@@ -155,9 +203,10 @@ def test_prm_loss_no_tags_is_zero_with_graph():
 
 
 def test_step_scores_sigmoid_at_tags():
-    z = torch.tensor([3.0, 0.0, -1.0, math.log(3)])
-    m = torch.tensor([False, True, False, True])
-    assert step_scores(z, m) == pytest.approx([0.5, 0.75])
+    z = torch.tensor([[3.0, 0.0, -1.0, math.log(3)], [0.0, 0.0, 0.0, 0.0]])
+    m = torch.tensor([[False, True, False, True], [False, False, False, False]])
+    got = step_scores(z, m)
+    assert got[0] == pytest.approx([0.5, 0.75]) and got[1] == []
 
 
 # ---- aggregation, best-of-N, votes -----------------------------------------------------------

@@ -448,3 +448,10 @@ def is_equiv(pred: str | None, gold: str, choices: list[str] | None = None, rel_
             p = choice_index(pred, choices, rel_tol)
             return p == g
     return _plain_equiv(normalize_letter(pred), normalize_letter(gold), rel_tol)
+
+
+def judge(response: str | None, gold, choices: list[str] | None = None) -> tuple[str | None, bool]:
+    """THE answer judge of the project (toy evaluation, the GRPO reward, DualMath labelling, the
+    world's checker): (the extracted answer or None, whether it answers `gold`)."""
+    ext = extract_answer(response or "")
+    return ext, is_equiv(ext, str(gold), choices)

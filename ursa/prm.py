@@ -39,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-STEP_TAG = " и"                     # space + CYRILLIC SMALL LETTER I (U+0438)
+from ursa.tokenizer import STEP_TAG, Tokenizer   # the tag " и": space + CYRILLIC SMALL LETTER I (U+0438)
+
 ANSWER_MARK = "†Answer:"
 STEP_HEADER = re.compile(r"^[ \t]*Step \d+\b", re.MULTILINE)
 
@@ -144,43 +145,56 @@ def prm_user_text(question: str, tagged_solution: str) -> str:
     return f"{PRM_INSTRUCTION}\nQuestion:{question}\n{tagged_solution}"
 
 
-# ---- token level: tag positions and labels ---------------------------------------------------
+# ---- token level: the PRM's input and where it is read ----------------------------------------
 
-def tag_positions(input_ids: Union[torch.Tensor, Sequence[int]], tag_id: int):
-    """Tensor [B, T] (or [T]) -> bool mask of the same shape; a list of ids -> list of indices."""
-    if isinstance(input_ids, torch.Tensor):
-        return input_ids == tag_id
-    return [i for i, t in enumerate(input_ids) if t == tag_id]
+def prm_input(tok: Tokenizer, question: str, tagged_solution: str, num_image_tokens: int,
+              image: bool = True) -> tuple[list[int], list[int]]:
+    """The PRM's input ids and its readout positions, for training and scoring alike.
+
+    ids: URSA's ChatML prompt whose user turn is `<|image|>` + prm_user_text(question, tagged),
+    with the placeholder expanded to num_image_tokens positions. positions: the indices (into ids)
+    of the step-tag tokens INSIDE the tagged solution, in order; a tag token that the question
+    happens to contain is never read. The whole text is encoded at once (so the ids are exactly
+    what a plain encode gives) and the tokenizer's character offsets tell which tags are inside."""
+    marked = Tokenizer.chat_prompt(prm_user_text(question, "\x00"), image)
+    start = marked.rfind("\x00")
+    text = marked[:start] + tagged_solution + marked[start + 1:]
+    end = start + len(tagged_solution)
+    enc = tok.tok.encode(text, add_special_tokens=False)
+    ids, positions = [], []
+    for t, (a, _) in zip(enc.ids, enc.offsets):
+        if t == tok.tag_id and start <= a < end:
+            positions.append(len(ids))
+        ids.extend([t] * num_image_tokens if t == tok.image_id else [t])
+    return ids, positions
 
 
-def align_labels(input_ids: torch.Tensor, tag_id: int,
-                 labels: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Put each row's step labels at its tag positions.
+def positions_mask(positions: Sequence[Sequence[int]], T: int) -> torch.Tensor:
+    """[B, T] bool, True at each row's readout positions (positions >= T are dropped)."""
+    mask = torch.zeros((len(positions), T), dtype=torch.bool)
+    for b, pos in enumerate(positions):
+        pos = [p for p in pos if p < T]
+        mask[b, pos] = True
+    return mask
 
-    input_ids: [B, T] long; labels: B lists of 0/1 (one per step, in order).
-    Returns (label_tensor [B, T] float, 0 off the tags; tag_mask [B, T] bool).
-    A row with FEWER tags than labels was truncated on the right: its first k labels go to its k
-    tags and the rest are dropped (count them as labels - tag_mask.sum()). MORE tags than labels is
-    an error naming the row (a tag in the prompt, or labels from another record).
-    """
-    if input_ids.dim() != 2:
-        raise ValueError(f"align_labels: input_ids must be [B, T], got shape {tuple(input_ids.shape)}")
-    B = input_ids.shape[0]
-    if len(labels) != B:
-        raise ValueError(f"align_labels: {B} rows of input_ids but {len(labels)} label lists")
-    mask = input_ids == tag_id                                   # [B, T]
-    out = torch.zeros(input_ids.shape, dtype=torch.float32)
-    for b in range(B):
-        pos = mask[b].nonzero().flatten()                        # [k]
-        row = list(labels[b])
-        if len(pos) > len(row):
-            raise ValueError(f"align_labels: row {b} has {len(pos)} step tags but only {len(row)} "
-                             f"labels")
-        bad = [y for y in row if y not in (0, 1)]
-        if bad:
-            raise ValueError(f"align_labels: row {b} has labels other than 0/1: {bad[:5]}")
-        out[b, pos] = torch.tensor(row[:len(pos)], dtype=torch.float32)
-    return out, mask
+
+def labels_at(positions: Sequence[Sequence[int]], labels: Sequence[Sequence[int]],
+              T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Put each row's step labels at its readout positions.
+
+    positions: B lists (from prm_input); labels: B lists of 0/1, one per position; T: the batch's
+    sequence length. A position >= T (the row was truncated on the right) is dropped with its
+    label. Returns (label tensor [B, T] float, 0 off the tags; tag mask [B, T] bool)."""
+    if len(positions) != len(labels):
+        raise ValueError(f"labels_at: {len(positions)} rows of positions but {len(labels)} label lists")
+    out = torch.zeros((len(positions), T), dtype=torch.float32)
+    for b, (pos, lab) in enumerate(zip(positions, labels)):
+        if len(pos) != len(lab):
+            raise ValueError(f"labels_at: row {b} has {len(pos)} step tags but {len(lab)} labels")
+        keep = [(p, y) for p, y in zip(pos, lab) if p < T]
+        if keep:
+            out[b, [p for p, _ in keep]] = torch.tensor([float(y) for _, y in keep])
+    return out, positions_mask(positions, T)
 
 
 # ---- loss and scores -------------------------------------------------------------------------
@@ -217,17 +231,63 @@ def prm_loss(value_logits: torch.Tensor, label_tensor: torch.Tensor, tag_mask: t
                   "pos_frac": y.mean().item()}
 
 
-def step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[float]:
-    """value_logits [T], tag_mask [T] bool -> sigmoid(value_logits) at the tags, in order."""
-    if value_logits.dim() != 1 or value_logits.shape != tag_mask.shape:
-        raise ValueError(f"step_scores: expected two [T] tensors, got {tuple(value_logits.shape)} "
+def step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[list[float]]:
+    """value_logits [B, T], tag_mask [B, T] bool -> per row, sigmoid(value_logits) at its tags, in order."""
+    if value_logits.dim() != 2 or value_logits.shape != tag_mask.shape:
+        raise ValueError(f"step_scores: expected two [B, T] tensors, got {tuple(value_logits.shape)} "
                          f"and {tuple(tag_mask.shape)}")
-    return torch.sigmoid(value_logits[tag_mask.bool()].float()).tolist()
+    p = torch.sigmoid(value_logits.float())
+    return [p[b][tag_mask[b].bool()].tolist() for b in range(p.shape[0])]
 
 
-def batch_step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[list[float]]:
-    """value_logits [B, T], tag_mask [B, T] -> one list of step scores per row."""
-    return [step_scores(value_logits[b], tag_mask[b]) for b in range(value_logits.shape[0])]
+# ---- THE step-score readout (toy GRPO reward, evaluation, the released URSA-RM-8B) -------------
+
+@torch.no_grad()
+def score_steps(model, tok: Tokenizer, questions: Sequence[str], tagged: Sequence[str],
+                pixels=None, batch_size: int = 64) -> list[list[float]]:
+    """Step scores of tagged solutions: for each, sigmoid(value head) at its solution's tags.
+
+    questions / tagged: one per solution (tagged by insert_tags or tag_steps); pixels: None (no
+    images), a tensor [n, 3, S, S] in [0, 1], or a list of [3, S, S] tensors or None (a text-only
+    item gets no <|image|>). Rows are sorted by length into batches (less padding), right-padded
+    and masked, so each row computes what it computes alone. A solution with no tag scores []."""
+    if not model.cfg.value_head:
+        raise ValueError("score_steps: this model has no value head (`score`)")
+    n = len(tagged)
+    if len(questions) != n:
+        raise ValueError(f"score_steps: {len(questions)} questions but {n} solutions")
+    px = [None] * n if pixels is None else list(pixels)
+    if len(px) != n:
+        raise ValueError(f"score_steps: {len(px)} images but {n} solutions")
+    was_training = model.training
+    model.eval()
+    p0 = next(model.parameters())
+    enc = [prm_input(tok, q, t, model.cfg.vision.num_tokens, image=x is not None)
+           for q, t, x in zip(questions, tagged, px)]
+    order = sorted(range(n), key=lambda i: -len(enc[i][0]))
+    out: list = [None] * n
+    for s in range(0, n, batch_size):
+        rows = order[s:s + batch_size]
+        T = len(enc[rows[0]][0])
+        ids = torch.full((len(rows), T), tok.pad_id, dtype=torch.long)
+        am = torch.zeros((len(rows), T), dtype=torch.long)
+        for b, i in enumerate(rows):
+            ids[b, :len(enc[i][0])] = torch.tensor(enc[i][0])
+            am[b, :len(enc[i][0])] = 1
+        imgs = [px[i] for i in rows if px[i] is not None]
+        pv = torch.stack(imgs).to(p0.device, p0.dtype) if imgs else None
+        v = model(ids.to(p0.device), pv, attention_mask=am.to(p0.device), logits=False, values=True).values
+        for i, sc in zip(rows, step_scores(v.cpu(), positions_mask([enc[i][1] for i in rows], T))):
+            out[i] = sc
+    if was_training:
+        model.train()
+    return out
+
+
+def score_responses(model, tok: Tokenizer, questions: Sequence[str], responses: Sequence[str],
+                    pixels=None, batch_size: int = 64) -> list[list[float]]:
+    """score_steps of raw responses, tagged by insert_tags (the test-time rule)."""
+    return score_steps(model, tok, questions, [insert_tags(r) for r in responses], pixels, batch_size)
 
 
 # ---- test time: aggregation, best-of-N, votes -----------------------------------------------

@@ -34,7 +34,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import fsdp_worker as W                                # noqa: E402
 from ursa.config import get_config                    # noqa: E402
-from ursa.dist import memory_plan, rank_indices       # noqa: E402
+from ursa.dist import rank_indices                     # noqa: E402
+from ursa.memory import memory_plan                   # noqa: E402
 from ursa.model import URSAModel, init_weights        # noqa: E402
 from ursa.weights import load_model, save_model       # noqa: E402
 

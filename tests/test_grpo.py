@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from ursa.grpo import (completion_mask, drop_moment, group_advantages, kl_k3, mixed_groups,
-                       outcome_reward, policy_loss, ps_reward, shift_for_targets, token_logprobs,
-                       variant1_reward, variant2_advantages)
+from ursa.grpo import (drop_moment, group_advantages, kl_k3, mixed_groups, outcome_reward, policy_loss,
+                       ps_reward, rollout_advantages, rollout_batch, rollout_rewards, token_logprobs,
+                       token_step_index, token_step_tensor, variant1_reward, variant2_advantages)
 
 torch.set_num_threads(1)
 S3 = math.sqrt(3.0)
@@ -151,12 +151,11 @@ def test_token_logprobs_matches_log_softmax_at_temperature():
         token_logprobs(logits, targets, temperature=0.0)
 
 
-def test_shift_for_targets_aligns_next_token():
+def test_targets_of_shifted_logits_are_the_next_tokens():
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(2, 6, 7, generator=g)
     ids = torch.randint(0, 7, (2, 6), generator=g)
-    lg, tg = shift_for_targets(logits, ids)
-    got = token_logprobs(lg, tg)
+    got = token_logprobs(logits[:, :-1], ids[:, 1:])           # what the grpo stage passes
     assert got.shape == (2, 5)
     lsm = torch.log_softmax(logits, dim=-1)
     for b in range(2):
@@ -164,20 +163,60 @@ def test_shift_for_targets_aligns_next_token():
             assert got[b, t].item() == pytest.approx(lsm[b, t, ids[b, t + 1]].item(), abs=1e-6)
 
 
-def test_completion_mask():
-    T, F_ = True, False
-    toks = torch.tensor([[5, 6, 2, 7, 0],      # stop 2 at position 2: included, what follows not
-                         [5, 6, 7, 8, 9],      # no stop, full row: all True
-                         [5, 6, 0, 0, 0],      # no stop, trailing padding: True up to its length
-                         [2, 0, 0, 0, 0],      # stop at the first position
-                         [5, 3, 2, 2, 0]])     # the second stop id 3 counts too
-    want = [[T, T, T, F_, F_], [T] * 5, [T, T, F_, F_, F_], [T, F_, F_, F_, F_], [T, T, F_, F_, F_]]
-    assert completion_mask(toks, {2, 3}, pad_id=0).tolist() == want
-    # pad_id == eos: the real EOS stays in, the padding (same id) after it is out
-    toks = torch.tensor([[5, 2, 2, 2, 2], [5, 6, 7, 2, 2], [5, 6, 7, 8, 9]])
-    want = [[T, T, F_, F_, F_], [T, T, T, T, F_], [T] * 5]
-    assert completion_mask(toks, [2], pad_id=2).tolist() == want
-    assert completion_mask(torch.tensor([[5, 0, 0]]), [2], pad_id=None).tolist() == [[T, T, T]]
+# ---- from rollouts to the loss's inputs (the grpo stage's wiring) -------------------------------
+
+def test_rollout_batch_masks_the_response_by_position_even_when_pad_is_the_stop_id():
+    PAD = 2                                     # Qwen pads with <|endoftext|>, which is also a stop id
+    ids, am, mask = rollout_batch([[7, 8, 9], [7, 8]], [[5, 2], [6, 6, 6, 2]], PAD)
+    assert ids.tolist() == [[7, 8, 9, 5, 2, PAD], [7, 8, 6, 6, 6, 2]]
+    assert am.tolist() == [[1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1]]
+    # targets are ids[:, 1:]: row 0's targets 8 9 5 2 PAD -> the response 5 and its stop 2 only
+    assert mask.tolist() == [[False, False, True, True, False], [False, True, True, True, True]]
+    with pytest.raises(ValueError, match="2 prompts but 1 responses"):
+        rollout_batch([[1], [2]], [[3]], 0)
+
+
+def test_reward_dispatch_each_kind_by_hand():
+    correct = torch.tensor([True, True, False, True])
+    scores = [[0.9, 0.8], [0.9, 0.5], [0.9, 0.9], [0.6]]       # drops: 1/9, 4/9 (>= 0.3), 0, none
+    close(rollout_rewards("outcome", correct, scores), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    close(rollout_rewards("ps", correct, scores, gamma=0.5, rho=0.3), torch.tensor([1.0, 0.5, 0.0, 1.0]))
+    close(rollout_rewards("v1", correct, scores), torch.tensor([1.85, 1.7, 0.9, 1.6]))
+    close(rollout_rewards("v2", correct, scores), torch.tensor([1.0, 1.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match="unknown reward 'x'"):
+        rollout_rewards("x", correct, scores)
+
+
+def test_rollout_advantages_groups_and_variant2():
+    r = torch.tensor([[1.0, 0.0], [0.5, 0.5]])                   # B = 2 groups of G = 2
+    c = torch.tensor([[True, False], [True, True]])
+    scores = [[0.8], [0.4], [0.9], [0.3]]
+    # Eq. 7 per group: (1 - 0.5) / std([1, 0]) = 0.5 / 0.7071; the flat group gives 0
+    close(rollout_advantages("ps", r, c, scores), torch.tensor([0.5 / 0.5 ** 0.5, -0.5 / 0.5 ** 0.5, 0.0, 0.0]), 1e-5)
+    ts = torch.tensor([[0, -1], [0, 0], [-1, 0], [0, 0]])
+    adv = rollout_advantages("v2", r, c, scores, ts)
+    assert adv.shape == (4, 2)
+    close(adv[:2], variant2_advantages(c[0], scores[:2], ts[:2]))   # group 0 on its own rows
+    close(adv[2:], variant2_advantages(c[1], scores[2:], ts[2:]))
+    with pytest.raises(ValueError, match="needs token_step"):
+        rollout_advantages("v2", r, c, scores)
+
+
+def test_token_step_index_by_hand():
+    text = "Step 1: a.\n\nStep 2: b.\n\n†Answer: 4"
+    # tokens: "Step 1: a." | "\n\n" | "Step 2: b." | "\n\n" | "†Answer: 4"
+    starts = [0, 10, 12, 22, 24]
+    assert token_step_index(text, starts, 2) == [0, 1, 1, -1, -1]
+    assert token_step_index(text, starts, 1) == [0, -1, -1, -1, -1]      # only step 1 scored
+    assert token_step_index(text, [0, 5, 11, 13, 21], 2) == [0, 0, 1, 1, 1]
+
+
+def test_token_step_tensor_aligns_with_targets():
+    # prompt of 3 tokens: response token k is target position 3 - 1 + k
+    t = token_step_tensor([3, 2], [[0, 0, 1], [0]], T=6)
+    assert t.tolist() == [[-1, -1, 0, 0, 1], [-1, 0, -1, -1, -1]]
+    ids, _, mask = rollout_batch([[7, 7, 7], [7, 7]], [[1, 1, 1], [1]], 0)
+    assert ((t >= 0) == mask[:, :5]).all()
 
 
 # ---- KL and the policy loss --------------------------------------------------------------------

@@ -9,22 +9,26 @@ import torch
 
 import train
 from ursa.config import get_config
-from ursa.data import DataError, read_jsonl
+from ursa.data import DataError, ExampleSet, encode_conversations, read_jsonl
+from ursa.dualmath import label_dualmath
 from ursa.model import URSAModel, init_weights
 from ursa.prm import STEP_TAG, tag_steps
+from ursa.trainer import Opt, Runtime, stage_done, train_loop, with_epochs
 from ursa.weights import load_model
 from safetensors.torch import load_file
+
+RT = Runtime()
 
 
 def micro_recipe(tmp: Path) -> train.Recipe:
     small = dict(batch_size=8, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False)
     return train.Recipe(
         name="micro", preset="micro", data_dir=str(tmp / "data"), n_train=48, n_rl=12, n_test=12, n_hard=12,
-        vocab_size=300, pretrain=train.Opt(steps=4, lr=2e-3, **small), align=train.Opt(steps=3, lr=1e-3, **small),
-        sft=train.Opt(steps=4, lr=1e-3, **small), label=dict(n_problems=8, k_samples=2, n_probe=2, compare_mc=3),
-        prm=train.Opt(steps=3, lr=5e-4, **small), bon_samples=2,
-        grpo=train.Opt(steps=2, lr=5e-5, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False),
-        grpo_prompts=2, grpo_group=2, grpo_filter=False, max_new_tokens=24)
+        vocab_size=300, pretrain=Opt(steps=4, lr=2e-3, **small), align=Opt(steps=3, lr=1e-3, **small),
+        sft=Opt(steps=4, lr=1e-3, **small), label=train.LabelSettings(8, 2, 2, 3),
+        prm=Opt(steps=3, lr=5e-4, **small), bon_samples=2,
+        grpo=Opt(steps=2, lr=5e-5, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False),
+        rl=train.GRPOSettings(prompts=2, group=2, filter=False), max_new_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +38,7 @@ def micro_run(tmp_path_factory):
     os.chdir(tmp)
     try:
         recipe = micro_recipe(tmp)
-        res = train.run_all(recipe, quiet=True)
+        res = train.run_all(recipe, Path("runs") / "micro", RT, quiet=True)
     finally:
         os.chdir(cwd)
     return tmp, tmp / "runs" / "micro", res
@@ -47,13 +51,14 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     for stage in ("pretrain", "align", "sft", "prm", "grpo"):
         assert (run / stage / "model" / "model.safetensors").exists(), stage
         assert not (run / stage / "resume").exists()
-    assert {"align", "sft", "grpo", "prm_heldout", "sft_best_of_n", "grpo_best_of_n"} <= set(res)
-    assert set(res["sft_best_of_n"][2]) == {"maj", "weighted", "min", "mean", "last", "product"}
-    assert "PS-GRPO greedy" in (run / "results.md").read_text()
+    assert {"align", "sft", "grpo"} <= set(res["policies"]) and "prm_heldout" in res
+    assert set(res["policies"]["sft"]["best_of_n"]["2"]) == {"maj", "pass", "weighted", "min", "mean", "last", "product"}
+    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(res))
+    assert "PS-GRPO" in (run / "results.md").read_text()
     # one log line per logged step, with the GRPO statistics the issue asks for
     lines = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 1]
-    assert {"reward", "acc", "resp_len", "n_steps", "drop_rate", "kl", "clip_frac", "tok_s"} <= set(lines[0])
+    assert {"reward", "acc", "resp_len", "n_steps", "drop_rate", "mixed", "kl", "clip_frac", "tok_s"} <= set(lines[0])
 
 
 def test_align_trains_only_the_projector(micro_run):
@@ -86,7 +91,7 @@ def test_prm_trains_lm_and_head_not_vision(micro_run):
 
 
 def test_dualmath_records_are_well_formed(micro_run):
-    _, run, _ = micro_run
+    tmp, run, _ = micro_run
     recs = read_jsonl(run / "label" / "dualmath.jsonl")
     assert recs and {r["source"] for r in recs} <= {"bel", "mie", "correct"}
     tok = train.Tokenizer.from_file(run / "tokenizer.json")
@@ -95,7 +100,7 @@ def test_dualmath_records_are_well_formed(micro_run):
         text = tag_steps(r["steps"], r["answer"])
         assert text.count(STEP_TAG) == len(r["steps"])
         assert tok.encode(text).count(tok.tag_id) == len(r["steps"])     # the tag is one token
-        assert (run / "label" / r["image"]).exists()
+        assert (tmp / "data" / r["image"]).exists()                 # relative to the data root
 
 
 def _lm_setup(seed=0):
@@ -105,19 +110,19 @@ def _lm_setup(seed=0):
     g = torch.Generator().manual_seed(1)
     ids = [torch.randint(4, 64, (int(n),), generator=g).tolist() for n in torch.randint(5, 12, (20,), generator=g)]
     masks = [[0] * 3 + [1] * (len(i) - 3) for i in ids]
-    return model, train.ExampleSet(ids, masks, None)
+    return model, ExampleSet(ids, masks, None)
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path):
-    opt = train.Opt(steps=6, batch_size=8, micro_batch=3, lr=1e-2, log_every=1, ckpt_every=1000, bf16=False)
+    opt = Opt(steps=6, batch_size=8, micro_batch=3, lr=1e-2, log_every=1, ckpt_every=1000, bf16=False)
     m1, data = _lm_setup()
-    assert train.train_loop(tmp_path / "a", "a", {"model": m1}, opt, train.lm_step_fn(m1, data, opt, 0), quiet=True)
+    assert train_loop(tmp_path / "a", "a", {"model": m1}, opt, train.lm_step_fn(m1, data, opt, 0, RT), RT, quiet=True)
     m2, data = _lm_setup()
-    assert not train.train_loop(tmp_path / "b", "b", {"model": m2}, opt, train.lm_step_fn(m2, data, opt, 0),
-                                stop_after=2, quiet=True)
+    assert not train_loop(tmp_path / "b", "b", {"model": m2}, opt, train.lm_step_fn(m2, data, opt, 0, RT), RT,
+                          stop_after=2, quiet=True)
     assert (tmp_path / "b" / "resume" / "optimizer.pt").exists()
     m3, data = _lm_setup(seed=5)                      # other weights: all state must come from the checkpoint
-    assert train.train_loop(tmp_path / "b", "b", {"model": m3}, opt, train.lm_step_fn(m3, data, opt, 0), quiet=True)
+    assert train_loop(tmp_path / "b", "b", {"model": m3}, opt, train.lm_step_fn(m3, data, opt, 0, RT), RT, quiet=True)
     for (n, a), (_, b) in zip(m1.state_dict().items(), m3.state_dict().items()):
         assert torch.equal(a, b), n
     la = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
@@ -130,15 +135,14 @@ def test_micro_batches_give_the_same_gradient_as_one_batch():
     grads = []
     for micro in (8, 3):
         m.zero_grad()
-        opt = train.Opt(batch_size=8, micro_batch=micro, bf16=False)
-        train.lm_step_fn(m, data, opt, 0)(0)
+        opt = Opt(batch_size=8, micro_batch=micro, bf16=False)
+        train.lm_step_fn(m, data, opt, 0, RT)(0)
         grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 def test_label_resume_neither_loses_nor_duplicates(micro_run, tmp_path):
-    from synth import label_dualmath
     tmp, run, _ = micro_run
     model = load_model(run / "sft" / "model").eval()
     tok = train.Tokenizer.from_file(run / "tokenizer.json")
@@ -168,7 +172,7 @@ def test_malformed_line_and_missing_image_are_named(micro_run, tmp_path):
     (d / "cot_train.jsonl").write_text("\n".join(lines) + "\n")
     tok = train.Tokenizer.from_file(tmp / "runs" / "micro" / "tokenizer.json")
     with pytest.raises(DataError, match=r"cot_train.jsonl:1: image .* not found"):
-        train.encode_conversations(d / "cot_train.jsonl", tok, get_config("micro"))
+        encode_conversations(d / "cot_train.jsonl", tok, get_config("micro"))
 
 
 def test_failed_stage_leaves_no_result(micro_run, tmp_path):
@@ -183,27 +187,29 @@ def test_failed_stage_leaves_no_result(micro_run, tmp_path):
     recipe.data_dir = str(bad)
     tok = train.Tokenizer.from_file(r2 / "tokenizer.json")
     with pytest.raises(DataError, match="cot_train.jsonl:1"):
-        train.stage_sft(r2, recipe, tok, quiet=True)
-    assert not (r2 / "sft" / "model").exists() and not train.stage_done(r2 / "sft")
+        train.stage_sft(r2, recipe, tok, RT, quiet=True)
+    assert not (r2 / "sft" / "model").exists() and not stage_done(r2 / "sft")
 
 
 def test_stage_flags_override_one_stage_and_epochs_set_steps():
-    import argparse
     r = train.Recipe()
-    args = argparse.Namespace(stage="sft", init="m", data="d.jsonl", prm=None, max_len=4096, prompts_per_step=None,
-                              group=None, temperature=None, max_prompt_len=None, max_new_tokens=None, kl_coef=None,
-                              clip_eps=None, ps_gamma=None, ps_rho=None, gen_batch=None, lr=1e-5, steps=None,
-                              epochs=2.0, batch_size=128, micro_batch=1, warmup_ratio=0.02, weight_decay=0.01,
-                              fp32=True)
+    args = train.build_parser().parse_args(["sft", "--init", "m", "--data", "d.jsonl", "--max-len", "4096",
+                                            "--lr", "1e-5", "--epochs", "2", "--batch-size", "128",
+                                            "--micro-batch", "1", "--warmup-ratio", "0.02", "--weight-decay",
+                                            "0.01", "--fp32"])
     train.apply_overrides(r, args)
     assert (r.init, r.stage_data, r.max_len) == ("m", "d.jsonl", 4096)
     assert (r.sft.lr, r.sft.batch_size, r.sft.micro_batch, r.sft.bf16, r.sft.epochs) == (1e-5, 128, 1, False, 2.0)
     assert r.align.lr == train.Recipe().align.lr                       # other stages untouched
     # 2 epochs over 1000 rows at 128 rows per step: ceil(2000 / 128) = 16 steps
-    assert train.with_epochs(r.sft, 1000, 128).steps == 16
-    args.stage = "all"
-    with pytest.raises(SystemExit, match="name the stage"):
-        train.apply_overrides(train.Recipe(), args)
+    assert with_epochs(r.sft, 1000, 128).steps == 16
+    with pytest.raises(ValueError, match="name the stage"):
+        train.apply_overrides(train.Recipe(), train.build_parser().parse_args(["--lr", "1e-5"]))
+    with pytest.raises(ValueError, match="--steps or --epochs, not both"):
+        train.apply_overrides(train.Recipe(), train.build_parser().parse_args(["sft", "--steps", "3", "--epochs", "1"]))
+    g = train.apply_overrides(train.Recipe(), train.build_parser().parse_args(
+        ["grpo", "--reward", "v2", "--group", "4", "--ppo-epochs", "2", "--kl-coef", "0.01", "--no-rl-filter"]))
+    assert (g.rl.reward, g.rl.group, g.rl.ppo_epochs, g.rl.kl_coef, g.rl.filter) == ("v2", 4, 2, 0.01, False)
 
 
 def test_eval_cli_prm_table_and_diagnosis(micro_run, capsys):
@@ -211,9 +217,9 @@ def test_eval_cli_prm_table_and_diagnosis(micro_run, capsys):
     tmp, run, _ = micro_run
     args = ["--model", str(run / "sft" / "model"), "--data", str(tmp / "data" / "test.jsonl"),
             "--prm", str(run / "prm" / "model"), "--n", "2", "--max-new-tokens", "16"]
-    ev.main(args)
+    assert ev.main(args) == 0
     out = capsys.readouterr().out
     assert "| N | greedy | maj@N | PRM min | PRM mean" in out and "\n| 2 |" in out
-    ev.main(args + ["--prm-diagnosis"])
+    assert ev.main(args + ["--prm-diagnosis"]) == 0
     out = capsys.readouterr().out
     assert "wrong samples" in out and "drop-moment >= 0.3" in out

@@ -1,6 +1,6 @@
 """Dataclass configs for the URSA model and its presets.
 
-The model is LLaVA-style (PAPER.md, "The released URSA-8B architecture"):
+The model is LLaVA-style (docs/paper.md, "The released architecture"):
 
     vision tower  ->  projector ("aligner")  ->  Qwen2 decoder ("language_model")
 
@@ -15,14 +15,12 @@ State-dict names follow the released URSA checkpoints (`vision_model.*`, `aligne
 `language_model.model.layers.N.*`, `language_model.lm_head.*`, `score.*`), so a released file loads
 with the identity map; ursa/weights.py maps the Hugging Face Qwen2 / SigLIP layouts onto them.
 
-    python -m ursa.config ursa-8b        # build on the meta device, print parameter counts per part
-    python -m ursa.config tiny --json    # print the config as JSON
+Parameter counts and the FSDP2 memory plan of a preset: `python -m ursa.memory ursa-8b` (ursa/memory.py).
+This module imports only the standard library.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -53,7 +51,7 @@ class ViTConfig:
 
 @dataclass
 class SamConfig:
-    """SAM-B image encoder (ViTDet-style) of the high-resolution branch, PAPER.md 'precisely'."""
+    """SAM-B image encoder (ViTDet-style) of the high-resolution branch (docs/paper.md, "The released architecture")."""
     image_size: int = 1024
     patch_size: int = 16
     hidden_size: int = 768
@@ -264,64 +262,3 @@ def get_config(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return PRESETS[name]().validate()
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Print a preset's config and parameter counts; with --gpus, the FSDP2 memory plan "
-                    "per GPU (ursa.dist.memory_plan states the formula).")
-    p.add_argument("preset", help=f"one of {', '.join(PRESETS)}")
-    p.add_argument("--json", action="store_true", help="print the config as JSON and exit")
-    m = p.add_argument_group("FSDP2 memory plan (printed when --gpus is given)")
-    m.add_argument("--gpus", type=int, default=None, help="number of GPUs the model is sharded over")
-    m.add_argument("--micro-batch", type=int, default=1, help="rows per GPU per forward/backward")
-    m.add_argument("--seq-len", type=int, default=4096, help="tokens per row (image tokens included)")
-    m.add_argument("--batch-size", type=int, default=128,
-                   help="global rows per optimizer step (paper: 128 for SFT and PRM); sets the "
-                        "accumulation count batch / (gpus x micro-batch)")
-    m.add_argument("--trainable", default="all", choices=("all", "llm", "projector"),
-                   help="all (SFT, GRPO), llm (PRM: LLM + head), projector (alignment)")
-    m.add_argument("--fp32", action="store_true", help="no mixed precision (fp32 compute)")
-    m.add_argument("--no-activation-checkpointing", action="store_true", help="keep every activation")
-    m.add_argument("--sync-every-micro-batch", action="store_true",
-                   help="reduce-scatter after every micro-batch instead of no_sync accumulation")
-    m.add_argument("--no-logits", action="store_true", help="the loss reads the value head only (PRM)")
-    m.add_argument("--frozen-copies", type=int, default=0,
-                   help="extra frozen sharded models (GRPO: 2, the reference policy and the PRM)")
-    m.add_argument("--gen-rows", type=int, default=0,
-                   help="GRPO rollout: sequences decoded at once per GPU with an unsharded bf16 replica")
-    m.add_argument("--gpu-gib", type=float, default=79.6, help="memory of one GPU (H100 80GB: 79.6 GiB)")
-    args = p.parse_args(argv)
-    cfg = get_config(args.preset)
-    if args.json:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return
-    import torch
-    from ursa.model import URSAModel
-    with torch.device("meta"):
-        model = URSAModel(cfg)
-    parts = {}
-    for n, t in model.state_dict().items():
-        parts.setdefault(n.split(".")[0], 0)
-        parts[n.split(".")[0]] += t.numel()
-    total = sum(parts.values())
-    print(f"preset {cfg.name}: {total:,} parameters (built on the meta device)")
-    for k, v in parts.items():
-        print(f"  {k:<16} {v:>15,}")
-    if args.gpus is not None:
-        from ursa.dist import format_memory_plan, memory_plan
-        per_step = args.gpus * args.micro_batch
-        if args.batch_size % per_step:
-            p.error(f"--batch-size {args.batch_size} is not a multiple of gpus x micro-batch = {per_step}")
-        plan = memory_plan(cfg, args.gpus, args.micro_batch, args.seq_len, trainable=args.trainable,
-                           mixed_precision=not args.fp32,
-                           activation_checkpointing=not args.no_activation_checkpointing,
-                           grad_accum=args.batch_size // per_step, no_sync=not args.sync_every_micro_batch,
-                           frozen_copies=args.frozen_copies, logits=not args.no_logits,
-                           gen_rows=args.gen_rows, gpu_gib=args.gpu_gib)
-        print()
-        print(format_memory_plan(plan))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,9 +1,11 @@
 """PS-GRPO math: rewards, group advantages, the clipped policy loss (Stage III).
 
-Pure tensor functions; nothing here runs a model, a PRM or a sampler (train.py wires them together).
+Pure functions over tensors, scores and token lists; nothing here runs a model, a PRM or a sampler
+(train.py's grpo stage wires them together: sample -> judge -> score -> `rollout_rewards` ->
+`rollout_advantages` -> `rollout_batch` -> `policy_loss`).
 
 References
-    URSA (Luo, Zheng et al., arXiv 2501.04686), Stage III "PS-GRPO" (see /work/shared/PAPER.md):
+    URSA (Luo, Zheng et al., arXiv 2501.04686), Stage III "PS-GRPO" (docs/paper.md):
       Eq. 5  drop-moment   delta = max_j (r_j - r_{j+1}) / r_j over a rollout's PRM step scores
       Eq. 6  PS reward     R = 1 (correct, delta < rho); 1 - gamma (correct, delta >= rho); 0 (wrong)
       Eq. 7  advantage     A_i = (R_i - mean_G R) / std_G R, the same for every token of rollout i
@@ -26,7 +28,7 @@ the number of micro-batches) gives exactly the loss and the gradient of one big 
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 
@@ -124,7 +126,7 @@ def variant1_reward(correct: torch.Tensor, step_scores: Sequence[Scores]) -> tor
 
 
 def mixed_groups(correct: torch.Tensor) -> torch.Tensor:
-    """RL prompt filter (PAPER.md, "RL prompts"): keep a prompt only when its G samples are neither
+    """RL prompt filter (URSA, Stage III): keep a prompt only when its G samples are neither
     all correct nor all wrong (otherwise every outcome advantage is 0).
 
     correct: [B, G] bool  ->  [B] bool
@@ -211,23 +213,11 @@ def variant2_advantages(correct: torch.Tensor, step_scores: Sequence[Scores], to
 
 # ---- log-probabilities and masks ---------------------------------------------------------------
 
-def shift_for_targets(logits: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token alignment: logits[:, t] predicts input_ids[:, t + 1].
-
-    logits: [B, L, V], input_ids: [B, L]  ->  (logits[:, :-1] [B, L-1, V], input_ids[:, 1:] [B, L-1])
-    Any other per-token tensor aligned with input_ids (loss mask, step index) must be cut the same
-    way as the targets: x[:, 1:].
-    """
-    if logits.dim() != 3 or input_ids.dim() != 2 or logits.shape[:2] != input_ids.shape:
-        raise ValueError(f"shift_for_targets: need logits [B, L, V] and input_ids [B, L], got "
-                         f"{tuple(logits.shape)} and {tuple(input_ids.shape)}")
-    return logits[:, :-1], input_ids[:, 1:]
-
-
 def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log pi(target) under the sampling distribution softmax(logits / temperature).
 
-    logits: [B, T, V] ALREADY aligned (logits[:, t] predicts targets[:, t]; see shift_for_targets);
+    logits: [B, T, V] ALREADY aligned (logits[:, t] predicts targets[:, t]: pass logits[:, :-1] and
+    input_ids[:, 1:]);
     targets: [B, T] int  ->  [B, T] float32 (float64 if the logits are).
     Computed as logit[target] - logsumexp(logits), which equals gathering log_softmax without
     materialising the [B, T, V] log-probabilities. Use the temperature the rollouts were sampled
@@ -245,32 +235,6 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return picked - torch.logsumexp(x, dim=-1)                          # [B, T]
 
 
-def completion_mask(tokens: torch.Tensor, stop_ids: Iterable[int], pad_id: Optional[int]) -> torch.Tensor:
-    """Which completion tokens the loss sees: everything up to and INCLUDING the first stop token.
-
-    tokens: [B, T] sampled completion ids (right-padded)  ->  [B, T] bool
-    - a row with a stop token: True at positions <= its first stop token, False after it. This masks
-      by POSITION, not by id, so a pad_id that is itself a stop id (Qwen pads with <|endoftext|>)
-      never hides the real EOS, and padding after it never counts;
-    - a row without any stop token (cut at the length limit): True up to its length, i.e. up to its
-      last token that is not pad_id (a trailing run of pad_id is batch padding); all True when
-      pad_id is None or the row is full.
-    """
-    if tokens.dim() != 2:
-        raise ValueError(f"completion_mask: tokens must be [B, T], got shape {tuple(tokens.shape)}")
-    B, T = tokens.shape
-    stops = torch.tensor(sorted(set(int(s) for s in stop_ids)), dtype=tokens.dtype, device=tokens.device)
-    pos = torch.arange(T, device=tokens.device).expand(B, T)                       # [B, T]
-    is_stop = torch.isin(tokens, stops)                                            # [B, T]
-    first_stop = torch.where(is_stop, pos, T).amin(dim=1, keepdim=True)           # [B, 1]; T if none
-    if pad_id is None:
-        length = torch.full((B, 1), T, device=tokens.device)
-    else:
-        length = torch.where(tokens != pad_id, pos + 1, 0).amax(dim=1, keepdim=True)  # [B, 1]
-    has_stop = first_stop < T                                                     # [B, 1]
-    return torch.where(has_stop, pos <= first_stop, pos < length)
-
-
 # ---- the GRPO objective ------------------------------------------------------------------------
 
 def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -286,7 +250,7 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return (torch.expm1(d) - d).clamp_min(0.0)
 
 
-AGGREGATIONS = ("seq-mean", "token", "constant")
+LOSS_AGGREGATIONS = ("seq-mean", "token", "constant")   # how policy_loss sums over tokens and sequences
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
@@ -318,8 +282,8 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
     (fraction of valid tokens where the clipped branch is active, i.e. has zero gradient), ratio
     (mean), kl (mean k3, when ref_logp is given), tokens (valid tokens in this call).
     """
-    if agg not in AGGREGATIONS:
-        raise ValueError(f"policy_loss: agg must be one of {AGGREGATIONS}, got {agg!r}")
+    if agg not in LOSS_AGGREGATIONS:
+        raise ValueError(f"policy_loss: agg must be one of {LOSS_AGGREGATIONS}, got {agg!r}")
     if logp.dim() != 2:
         raise ValueError(f"policy_loss: logp must be [B, T], got shape {tuple(logp.shape)}")
     B, T = logp.shape
@@ -381,3 +345,97 @@ def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, advantages: torch.Te
         if ref_logp is not None:
             metrics["kl"] = float((kl * mf).sum() / denom)
     return loss, metrics
+
+
+# ---- from rollouts to the loss's inputs ----------------------------------------------------------
+
+REWARDS = ("outcome", "ps", "v1", "v2")   # vanilla GRPO, PS-GRPO (Eq. 6), Appendix B.1 Variants 1 and 2
+
+
+def rollout_rewards(kind: str, correct: torch.Tensor, step_scores: Sequence[Scores], gamma: float = 0.5,
+                    rho: float = 0.3) -> torch.Tensor:
+    """The scalar reward of every rollout under reward `kind`.
+
+        outcome  1 / 0 for a right / wrong answer (vanilla GRPO)
+        ps       Eq. 6 (outcome, times 1 - gamma when the PRM shows a drop-moment >= rho)
+        v1       Variant 1: outcome + mean step score
+        v2       Variant 2: the outcome reward; its step part enters the advantage (rollout_advantages)
+
+    correct: [R] bool; step_scores: R lists of PRM step scores  ->  [R] float32."""
+    if kind == "outcome" or kind == "v2":
+        _check_group(correct, step_scores, "rollout_rewards")
+        return outcome_reward(correct)
+    if kind == "ps":
+        return ps_reward(correct, step_scores, gamma=gamma, rho=rho)
+    if kind == "v1":
+        return variant1_reward(correct, step_scores)
+    raise ValueError(f"unknown reward {kind!r}: choose one of {', '.join(REWARDS)}")
+
+
+def rollout_advantages(kind: str, rewards: torch.Tensor, correct: torch.Tensor, step_scores: Sequence[Scores],
+                       token_step: Optional[torch.Tensor] = None, scale_std: bool = True) -> torch.Tensor:
+    """Advantages of B groups of G rollouts, flattened rollout-major (row b * G + j).
+
+    rewards, correct: [B, G]; step_scores: B * G lists; token_step: [B * G, T] step index of every
+    target position (-1: no step), needed for kind "v2" only.
+    -> [B * G] (one advantage per rollout, Eq. 7) or, for "v2", [B * G, T] (Eq. 9 per token)."""
+    B, G = rewards.shape
+    if kind != "v2":
+        return group_advantages(rewards, scale_std=scale_std).reshape(B * G)     # [B, G] -> [R]
+    if token_step is None or token_step.shape[0] != B * G:
+        raise ValueError("rollout_advantages: Variant 2 needs token_step [B * G, T]")
+    return torch.cat([variant2_advantages(correct[b], step_scores[b * G:(b + 1) * G], token_step[b * G:(b + 1) * G],
+                                          scale_std=scale_std) for b in range(B)])  # [R, T]
+
+
+def token_step_index(text: str, token_starts: Sequence[int], n_scores: int) -> list[int]:
+    """For Variant 2: the PRM step (0-based) each response token belongs to.
+
+    text: the decoded response; token_starts: each token's first character in `text`; n_scores:
+    how many steps the PRM scored. Steps are prm.split_steps(text)'s, located in order in text; a
+    token belongs to the first step whose span ends after the token starts (so the blank line
+    before "Step k+1" belongs to step k+1). Tokens after the last scored step (the answer line, an
+    untagged last step, the stop token) get -1."""
+    from ursa.prm import split_steps
+    steps, _ = split_steps(text)
+    spans, pos = [], 0
+    for st in steps:
+        b = text.find(st, pos)
+        spans.append(b + len(st))
+        pos = b + len(st)
+    out = []
+    for c in token_starts:
+        k = next((i for i, e in enumerate(spans) if c < e), len(spans))
+        out.append(k if k < n_scores else -1)
+    return out
+
+
+def rollout_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training batch of R rollouts: prompt + response, right-padded.
+
+    Returns ids [R, T] long, attention mask [R, T] long, and the target mask [R, T-1] bool, aligned
+    with targets ids[:, 1:]: True where the target is a response token (up to and including its
+    stop token), never on the prompt or padding."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"rollout_batch: {len(prompts)} prompts but {len(responses)} responses")
+    T = max(len(p) + len(r) for p, r in zip(prompts, responses))
+    R = len(prompts)
+    ids = torch.full((R, T), pad_id, dtype=torch.long)
+    am = torch.zeros((R, T), dtype=torch.long)
+    tmask = torch.zeros((R, T), dtype=torch.bool)                 # [R, T] target tokens
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        ids[i, :len(p) + len(r)] = torch.tensor(list(p) + list(r), dtype=torch.long)
+        am[i, :len(p) + len(r)] = 1
+        tmask[i, len(p):len(p) + len(r)] = True
+    return ids, am, tmask[:, 1:]                                  # [R, T-1]: aligned with ids[:, 1:]
+
+
+def token_step_tensor(prompt_lens: Sequence[int], token_steps: Sequence[Sequence[int]], T: int) -> torch.Tensor:
+    """[R, T-1] step index per target position (aligned with ids[:, 1:] of rollout_batch): the
+    target at position P - 1 + k is response token k of a row whose prompt has P tokens; -1 elsewhere."""
+    out = torch.full((len(prompt_lens), T - 1), -1, dtype=torch.long)
+    for i, (P, ts) in enumerate(zip(prompt_lens, token_steps)):
+        if ts:
+            out[i, P - 1:P - 1 + len(ts)] = torch.tensor(list(ts), dtype=torch.long)
+    return out

@@ -1,6 +1,6 @@
 """Vision towers of URSA: a SigLIP ViT, the SAM-B ViTDet encoder, the hybrid tower, preprocessing.
 
-PAPER.md, "The released URSA-8B architecture" and "The hybrid vision tower, precisely":
+The released URSA-8B architecture (docs/paper.md, "The released architecture"):
 
     pixels in [0, 1], 1024 x 1024 (preprocess: long side -> 1024, bicubic, pad with the CLIP mean)
       |-- (x - CLIP mean) / CLIP std -------------> SAM-B ViTDet -> neck -> resize 96 -> 2 stride-2
@@ -14,7 +14,7 @@ References: ViT (Dosovitskiy et al. 2021), SigLIP (Zhai et al. 2023; timm's `vit
 layout), SAM (Kirillov et al. 2023) image encoder, ViTDet windowed attention with decomposed relative
 positions (Li et al. 2022, MViTv2 eq. 4), the DeepSeek-VL hybrid tower that URSA-8B reuses. The code here
 is written from those descriptions; the parameter names equal the released checkpoint's
-(/work/shared/ursa8b_weights.tsv, prefix `vision_model.`), so a released file loads with the identity map.
+(tests/fixtures/ursa8b_weights.tsv, prefix `vision_model.`), so a released file loads with the identity map.
 """
 from __future__ import annotations
 
@@ -468,12 +468,39 @@ class VisionTower(nn.Module):
 
 # ---- preprocessing -----------------------------------------------------------------------------
 
-MIN_SIDE = 14   # PAPER.md: each side of the resized image is at least 14 px
+MIN_SIDE = 14   # the official processor keeps each side of the resized image at least 14 px
+
+
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")   # more than 8 bits per pixel, one channel
+U16_TO_U8 = 257                                             # 65535 / 257 = 255
+
+
+def _wide_to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit, 32-bit integer or float greyscale image -> 8-bit "L", scaled, never clipped:
+    16-bit modes and integer values above 255 (up to 65535) are divided by 257; floats in [0, 1]
+    are multiplied by 255; values already in 0..255 are kept. Anything else (negative values, more
+    than 16 bits) is refused: a silent clip would make the image all white."""
+    a = np.asarray(image, dtype=np.float64)
+    lo, hi = (float(a.min()), float(a.max())) if a.size else (0.0, 0.0)
+    if not (np.isfinite(lo) and np.isfinite(hi)) or lo < 0:
+        raise ValueError(f"{image.mode} image with values in [{lo}, {hi}]: cannot map to 8 bits")
+    if image.mode.startswith("I;16") or (image.mode == "I" and hi > 255):
+        if hi > 65535:
+            raise ValueError(f"{image.mode} image with values up to {hi:.0f}: more than 16 bits")
+        a = a / U16_TO_U8
+    elif image.mode == "F" and hi <= 1.0:
+        a = a * 255.0
+    elif hi > 255:
+        raise ValueError(f"{image.mode} image with values up to {hi}: cannot map to 8 bits")
+    return Image.fromarray(np.rint(a).astype(np.uint8), mode="L")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode -> RGB. Transparency (RGBA, LA, PA, P/L/RGB with a transparent colour) is
-    composited on white; other modes (L, P, CMYK, 1, ...) go through PIL's convert."""
+    composited on white; 16-bit / 32-bit / float greyscale is scaled to 8 bits (_wide_to_l); other
+    modes (L, P, CMYK, 1, ...) go through PIL's convert."""
+    if image.mode in WIDE_MODES:
+        image = _wide_to_l(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))

@@ -1,0 +1,80 @@
+"""ursa/evaluate.py and ursa/results.py: selection rules, pass@N, intervals, paired bootstrap, the
+held-out split; hand-made inputs with hand-computed answers."""
+import math
+
+import pytest
+
+from ursa.evaluate import (Samples, acc_record, best_of_n_table, fmt_acc, judge_all, paired_bootstrap,
+                           selection_verdicts, wilson)
+from ursa.results import split_by_problem
+
+RECS = [{"id": "p0", "answer": "7"}, {"id": "p1", "answer": "B", "choices": ["1", "2", "3", "4"]}]
+RESP = [["†Answer: 5", "†Answer: 7", "†Answer: 5", "†Answer: 7"],       # p0: right at 1 and 3, maj tie 5/7 -> 5
+        ["†Answer: 2", "†Answer: A", "†Answer: A", "†Answer: (B)"]]    # p1: B = option "2": right at 0 and 3
+
+
+def samples():
+    return judge_all(RECS, RESP)
+
+
+def test_judge_all_maj_and_pass_by_hand():
+    s = samples()
+    assert s.correct == [[False, True, False, True], [True, False, False, True]]
+    assert s.first_correct() == [False, True]
+    assert s.maj(RECS) == [False, False]          # p0: 5 and 7 twice each, 5 first; p1: "A" twice
+    assert s.maj(RECS, 2) == [False, True]        # first two: p0 {5, 7} -> 5; p1 {2, A} -> 2 = B
+    assert s.pass_at(1) == [False, True] and s.pass_at(2) == [True, True]
+    assert s.sample_acc() == pytest.approx(4 / 8)
+
+
+def test_best_of_n_picks_the_highest_aggregate_not_sample_0():
+    s = samples()
+    scores = [[[0.9, 0.1], [0.6, 0.7], [0.2], [0.5, 0.5]],    # p0: mean 0.5 0.65 0.2 0.5 -> 1 (right)
+              [[0.1], [0.9, 0.8], [0.3], [0.2, 0.95]]]         # p1: mean .1 .85 .3 .575 -> 1 (wrong)
+    v = selection_verdicts(RECS, s, scores, 4)
+    assert v["mean"] == [True, False]
+    assert v["min"] == [True, False]              # p0 min: .1 .6 .2 .5 -> 1; p1: .1 .8 .3 .2 -> 1
+    assert v["last"] == [True, True]              # p0 last: .1 .7 .2 .5 -> 1; p1: .1 .8 .3 .95 -> 3
+    assert v["product"] == [True, False]          # p0: .09 .42 .2 .25 -> 1; p1: .1 .72 .3 .19 -> 1
+    # weighted vote on mean scores: p0 5: .5+.2 = .7, 7: .65+.5 = 1.15 -> 7; p1 "2": .1 + ("(B)" is its own
+    # string) ... "A": .85+.3 = 1.15 beats "2" .1 and "B" .575 -> wrong
+    assert v["weighted"] == [True, False]
+    assert v["pass"] == [True, True] and v["maj"] == [False, False]
+    t = best_of_n_table(RECS, s, scores, ns=(1, 2, 4, 8))
+    assert list(t) == [1, 2, 4]                                  # N = 8 > 4 samples drawn
+    assert t[1]["mean"] == [False, True] and t[1]["pass"] == [False, True]   # N = 1: sample 0 itself
+    assert t[2]["mean"] == [True, False]          # p0 {.5, .65} -> 1; p1 {.1, .85} -> 1
+
+
+def test_wilson_and_formatting_by_hand():
+    lo, hi = wilson(41, 100)
+    # p = .41, z = 1.96: centre (p + z^2/2n) / (1 + z^2/n), half-width z sqrt(p(1-p)/n + z^2/4n^2) / (1 + z^2/n)
+    z, n, p = 1.959964, 100, 0.41
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    assert (lo, hi) == pytest.approx((c - h, c + h))
+    assert fmt_acc(41, 100) == f"41.0% [{100 * (c - h):.1f}, {100 * (c + h):.1f}]"
+    assert wilson(0, 0) == (0.0, 0.0)
+    a = acc_record([True, False, True, True])
+    assert (a["acc"], a["n"], a["correct"]) == (0.75, 4, 3)
+
+
+def test_paired_bootstrap():
+    same = paired_bootstrap([1, 0, 1, 1], [1, 0, 1, 1])
+    assert same == {"diff": 0.0, "ci95": [0.0, 0.0], "n": 4}
+    d = paired_bootstrap([1] * 30 + [0] * 70, [0] * 100, iters=500, seed=3)
+    assert d["diff"] == pytest.approx(0.30)
+    assert d["ci95"][0] < 0.30 < d["ci95"][1] and d["ci95"][0] > 0.18 and d["ci95"][1] < 0.42
+    assert paired_bootstrap([1, 0] * 50, [0, 1] * 50, seed=1) == paired_bootstrap([1, 0] * 50, [0, 1] * 50, seed=1)
+    with pytest.raises(ValueError, match="same ones"):
+        paired_bootstrap([1], [1, 0])
+
+
+def test_heldout_split_is_disjoint_by_problem():
+    recs = [{"id": f"train-bars-{p}-bel{k}", "problem_id": f"train-bars-{p}"} for p in range(200) for k in range(3)]
+    train, held = split_by_problem(recs, 0.2)
+    pt, ph = {r["problem_id"] for r in train}, {r["problem_id"] for r in held}
+    assert pt.isdisjoint(ph) and len(pt | ph) == 200
+    assert 20 <= len(ph) <= 60                                   # about 20% of 200 problems
+    assert len(train) + len(held) == len(recs)
+    assert split_by_problem(recs, 0.2) == (train, held)          # the same split on every call

@@ -1,0 +1,246 @@
+"""Evaluation on problem records: sampling, judging, maj@N, pass@N, PRM best-of-N, paired comparisons.
+
+    s = sample(model, tok, records, base, n=16, temperature=1.0)    # Samples: responses, extracted, correct
+    s.first_correct()                  # per record: sample 0 right (greedy when temperature = 0)
+    s.maj(records, 8)                  # per record: the majority answer of the first 8 right (self-consistency)
+    s.pass_at(8)                       # per record: any of the first 8 right (the ceiling of any verifier)
+    scores = prm_scores(prm, tok, records, s.responses, pixels)     # THE readout, ursa.prm.score_responses
+    best_of_n_table(records, s, scores)                              # Table 2's shape, per N and aggregation
+    paired_bootstrap(a, b)             # mean(a - b) over problems with a 95% interval
+
+Per-record verdict lists (not just counts) are kept everywhere so that two policies or two
+selection rules can be compared problem by problem (a paired test is far tighter than comparing
+two intervals). Accuracies are reported with 95% Wilson intervals.
+"""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from tqdm import tqdm
+
+from ursa.answer import is_equiv, judge
+from ursa.data import read_jsonl, record_pixels
+from ursa.generate import sample_texts
+from ursa.prm import AGGREGATIONS, aggregate, best_of_n, majority_vote, prm_weighted_vote, score_responses
+
+Z95 = 1.959964                  # two-sided 95% normal quantile
+BOOTSTRAP_ITERS = 2000          # resamples of the paired bootstrap (interval ends stable to ~0.1 point)
+BEST_OF_N_NS = (1, 2, 4, 8, 16, 32)
+
+
+# ---- intervals --------------------------------------------------------------------------------
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion k/n ((0, 0) when n = 0)."""
+    if n == 0:
+        return (0.0, 0.0)
+    p = k / n
+    d = 1 + z * z / n
+    c = (p + z * z / (2 * n)) / d
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return (max(0.0, c - h), min(1.0, c + h))
+
+
+def fmt_acc(k: int, n: int) -> str:
+    """"41.0% [36.8, 45.4]": accuracy and its 95% Wilson interval, in percent."""
+    lo, hi = wilson(k, n)
+    return f"{100 * k / max(n, 1):.1f}% [{100 * lo:.1f}, {100 * hi:.1f}]"
+
+
+def acc_record(verdicts: Sequence[bool]) -> dict:
+    """{"acc", "n", "correct", "ci95": [lo, hi]} of a list of per-problem verdicts."""
+    k, n = int(sum(bool(v) for v in verdicts)), len(verdicts)
+    lo, hi = wilson(k, n)
+    return {"acc": k / max(n, 1), "n": n, "correct": k, "ci95": [lo, hi]}
+
+
+def paired_bootstrap(a: Sequence[float], b: Sequence[float], iters: int = BOOTSTRAP_ITERS,
+                     seed: int = 0) -> dict:
+    """Mean of a_i - b_i over problems and its 95% percentile-bootstrap interval.
+
+    a, b: per-problem scores of two systems on the SAME problems (1/0 verdicts, or accuracies).
+    Problems are resampled with replacement `iters` times (seeded); the interval is the 2.5th and
+    97.5th percentile of the resampled mean differences. Returns {"diff", "ci95": [lo, hi], "n"}."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_bootstrap: {len(a)} and {len(b)} problems; a paired test needs the same ones")
+    n = len(a)
+    if n == 0:
+        return {"diff": 0.0, "ci95": [0.0, 0.0], "n": 0}
+    d = [float(x) - float(y) for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    means = sorted(sum(d[rng.randrange(n)] for _ in range(n)) / n for _ in range(iters))
+    lo, hi = means[int(0.025 * (iters - 1))], means[int(math.ceil(0.975 * (iters - 1)))]
+    return {"diff": sum(d) / n, "ci95": [lo, hi], "n": n}
+
+
+# ---- problems ----------------------------------------------------------------------------------
+
+def load_problems(path) -> list[dict]:
+    return read_jsonl(path, required=("id", "image", "question", "answer"))
+
+
+def problem_pixels(records, base: Path, vision_cfg, mode: str = "normal") -> torch.Tensor:
+    """[n, 3, S, S] in [0, 1]; mode "blank" (all grey) or "shuffled" (the next problem's image)."""
+    if mode not in ("normal", "blank", "shuffled"):
+        raise ValueError(f"image mode must be normal, blank or shuffled, got {mode!r}")
+    px = torch.stack([record_pixels(r, base, vision_cfg) for r in records])
+    if mode == "blank":
+        px = torch.full_like(px, 0.5)
+    elif mode == "shuffled":
+        px = px.roll(1, dims=0)
+    return px
+
+
+def prompts_for(records, tok, cfg, prefixes: Optional[Sequence[str]] = None) -> list[list[int]]:
+    """URSA's chat prompt of each problem (one <|image|> expanded to the tower's positions)."""
+    return [tok.encode_prompt(r["question"], image=True, num_image_tokens=cfg.vision.num_tokens,
+                              assistant_prefix=(prefixes[i] if prefixes else ""))
+            for i, r in enumerate(records)]
+
+
+def gold(rec: dict) -> tuple[str, Optional[list]]:
+    return str(rec["answer"]), rec.get("choices")
+
+
+# ---- samples and their verdicts ----------------------------------------------------------------
+
+@dataclass
+class Samples:
+    """n responses per record and their verdicts: responses[i][j], extracted[i][j], correct[i][j]."""
+    responses: list
+    extracted: list
+    correct: list
+
+    @property
+    def n(self) -> int:
+        return len(self.responses[0]) if self.responses else 0
+
+    def first_correct(self) -> list[bool]:
+        """Per record: sample 0 is right (the greedy verdict when sampled at temperature 0)."""
+        return [c[0] for c in self.correct]
+
+    def sample_acc(self) -> float:
+        """Accuracy of a single sample, averaged over all samples."""
+        flat = [x for c in self.correct for x in c]
+        return sum(flat) / max(1, len(flat))
+
+    def maj(self, records, n: Optional[int] = None) -> list[bool]:
+        """Per record: the most frequent extracted answer of the first n samples is right
+        (self-consistency; answers compared as extracted, ties -> the first seen)."""
+        n = n or self.n
+        return [is_equiv(majority_vote(e[:n]), *gold(r)) for r, e in zip(records, self.extracted)]
+
+    def pass_at(self, n: Optional[int] = None) -> list[bool]:
+        """Per record: at least one of the first n samples is right (the verifier's ceiling)."""
+        n = n or self.n
+        return [any(c[:n]) for c in self.correct]
+
+
+def judge_all(records, responses: list) -> Samples:
+    """Judge every response (ursa.answer.judge, the project's one judge) against its record."""
+    ext, cor = [], []
+    for r, rs in zip(records, responses):
+        v = [judge(t, *gold(r)) for t in rs]
+        ext.append([e for e, _ in v])
+        cor.append([c for _, c in v])
+    return Samples(list(responses), ext, cor)
+
+
+@torch.no_grad()
+def sample(model, tok, records, base: Path, n: int = 1, temperature: float = 0.0, top_p: float = 1.0,
+           max_new_tokens: int = 96, batch_size: int = 64, seed: int = 0, image_mode: str = "normal",
+           pixels: Optional[torch.Tensor] = None, quiet: bool = False) -> Samples:
+    """Sample n responses per record (greedy at temperature 0) and judge them.
+    pixels: the records' preprocessed images when the caller has them already."""
+    px = problem_pixels(records, base, model.cfg.vision, image_mode) if pixels is None else pixels
+    prompts = prompts_for(records, tok, model.cfg)
+    g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    bar = tqdm(total=len(records) * n, desc=f"sample x{n}", disable=quiet, leave=False)
+    texts, _ = sample_texts(model, tok, prompts, px, num_samples=n, batch_size=max(1, batch_size // n),
+                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                            generator=g, progress=bar)
+    bar.close()
+    return judge_all(records, texts)
+
+
+def prm_scores(prm, tok, records, responses: list, pixels: torch.Tensor, batch_size: int = 64) -> list:
+    """scores[i][j]: the PRM's step scores of response j of record i (ursa.prm.score_responses)."""
+    qs, tx, idx = [], [], []
+    for i, (r, rs) in enumerate(zip(records, responses)):
+        for t in rs:
+            qs.append(r["question"]), tx.append(t), idx.append(i)
+    flat = score_responses(prm, tok, qs, tx, pixels[torch.tensor(idx, dtype=torch.long)], batch_size)
+    out, k = [], 0
+    for rs in responses:
+        out.append(flat[k:k + len(rs)])
+        k += len(rs)
+    return out
+
+
+# ---- best-of-N (Table 2's shape) ---------------------------------------------------------------
+
+def selection_verdicts(records, s: Samples, scores: list, n: int) -> dict:
+    """Per record, on its first n samples: which selection rule ends on a right answer.
+
+    Keys: "maj" (self-consistency), "pass" (any right), each aggregation of ursa.prm.AGGREGATIONS
+    (PRM best-of-N, Eq. 10 uses "mean"), "weighted" (the answer whose mean-aggregated PRM scores sum
+    highest). Values: lists of bools, one per record."""
+    out = {"maj": s.maj(records, n), "pass": s.pass_at(n), "weighted": []}
+    for a in AGGREGATIONS:
+        out[a] = [s.correct[i][best_of_n(scores[i][:n], a)] for i in range(len(records))]
+    for i, r in enumerate(records):
+        w = prm_weighted_vote(s.extracted[i][:n], [aggregate(x, "mean") for x in scores[i][:n]])
+        out["weighted"].append(is_equiv(w, *gold(r)))
+    return out
+
+
+def best_of_n_table(records, s: Samples, scores: list, ns: Sequence[int] = BEST_OF_N_NS) -> dict:
+    """{N: {rule: per-record verdicts}} for every N in ns up to the samples drawn."""
+    return {n: selection_verdicts(records, s, scores, n) for n in ns if n <= s.n}
+
+
+RULE_NAMES = {"maj": "maj@N", "pass": "pass@N", "weighted": "PRM-weighted vote",
+              **{a: f"PRM {a}" for a in AGGREGATIONS}}
+
+
+def format_best_of_n(table: dict, greedy: Optional[Sequence[bool]] = None) -> str:
+    """The best-of-N table as Markdown, accuracies in percent."""
+    rules = ["maj"] + list(AGGREGATIONS) + ["weighted", "pass"]
+    head = ["N"] + (["greedy"] if greedy is not None else []) + [RULE_NAMES[r] for r in rules]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    g = [f"{100 * sum(greedy) / max(1, len(greedy)):.1f}"] if greedy is not None else []
+    for n, v in table.items():
+        lines.append("| " + " | ".join([str(n)] + g + [f"{100 * sum(v[r]) / max(1, len(v[r])):.1f}" for r in rules]) + " |")
+    return "\n".join(lines)
+
+
+def by_family(records, verdicts: Sequence[bool]) -> dict:
+    """{family: acc_record} for records that carry a "family" field."""
+    fams = sorted({r["family"] for r in records if "family" in r})
+    return {f: acc_record([v for r, v in zip(records, verdicts) if r.get("family") == f]) for f in fams}
+
+
+def prm_diagnosis(records, s: Samples, scores: list, rho: float = 0.3) -> str:
+    """Why does best-of-N pick what it picks? Mean / min step scores and drop-moment rates (delta >=
+    rho, Eq. 5) of right vs wrong samples, and of samples with fewer steps than the reference
+    solution (the length bias of Appendix B.1)."""
+    from statistics import mean
+    from ursa.grpo import drop_moment
+    from ursa.prm import split_steps
+    rows = [(c, len(split_steps(t)[0]) < len(r.get("steps", [])), aggregate(x, "mean"), aggregate(x, "min"),
+             drop_moment(x) if x else 0.0)
+            for i, r in enumerate(records) for t, c, x in zip(s.responses[i], s.correct[i], scores[i])]
+    out = []
+    for name, sel in (("right samples", [r for r in rows if r[0]]), ("wrong samples", [r for r in rows if not r[0]]),
+                      ("fewer steps than the reference", [r for r in rows if r[1]]),
+                      ("as many steps or more", [r for r in rows if not r[1]])):
+        if sel:
+            out.append(f"{name:<32} {len(sel):5d}  accuracy {100 * mean(r[0] for r in sel):5.1f}%  PRM mean "
+                       f"{mean(r[2] for r in sel):.3f}  min {mean(r[3] for r in sel):.3f}  drop-moment >= {rho}: "
+                       f"{100 * mean(r[4] >= rho for r in sel):.0f}%")
+    return "\n".join(out)

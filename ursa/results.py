@@ -1,0 +1,238 @@
+"""The toy recipe's results: every stage's policy evaluated, written to results.json, rendered to
+results.md (and the ablation's to ablation.json / ablation.md).
+
+    res = evaluate_recipe(run, recipe, times, rt)     # after `python train.py` trained every stage
+    text = render_results(res)                        # results.md is rendered from results.json only
+
+results.json holds every number the README quotes: per policy and test set the accuracy with n and
+its 95% Wilson interval; maj@N, pass@N and PRM best-of-N per N and aggregation; paired differences
+(best-of-N minus maj@N, PS-GRPO minus SFT) with paired-bootstrap 95% intervals over problems; the
+DualMath label statistics; the PRM's held-out metrics; each stage's wall seconds.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ursa import io
+from ursa.evaluate import (BEST_OF_N_NS, RULE_NAMES, acc_record, best_of_n_table, by_family, load_problems,
+                           paired_bootstrap, prm_scores, problem_pixels, sample)
+from ursa.prm import AGGREGATIONS, auc, first_error_hit, step_scores
+from ursa.trainer import read_metrics
+
+POLICIES = (("align", "after alignment"), ("sft", "SFT"), ("grpo", "PS-GRPO"))
+EQ10_RULE = "mean"              # the paper's best-of-N aggregation (Eq. 10)
+TREND_STEPS = 5                 # "first -> last" of a curve: mean over its first / last 5 logged steps
+
+
+# ---- the PRM on labelled steps ---------------------------------------------------------------
+
+def split_by_problem(records, heldout_frac: float, seed: int = 0) -> tuple[list, list]:
+    """(train, held-out) by problem: a problem's records never straddle the split (a hash of the
+    problem id decides, so the split is the same on every run and machine)."""
+    def h(r) -> float:
+        pid = r.get("problem_id", r["id"])
+        return int(hashlib.sha1(f"{seed}:{pid}".encode()).hexdigest()[:8], 16) / 2 ** 32
+    return [r for r in records if h(r) >= heldout_frac], [r for r in records if h(r) < heldout_frac]
+
+
+@torch.no_grad()
+def prm_label_metrics(model, data, pad_id: int, batch_size: int = 64) -> dict:
+    """Step accuracy at 0.5, ROC AUC, and first-error accuracy (the first step below 0.5 is the
+    first label-0 step) on records that have a wrong step. data: ursa.data.PRMExamples."""
+    was = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    scores = []
+    for s in range(0, len(data), batch_size):
+        b, _, mask = data.batch(list(range(s, min(len(data), s + batch_size))), pad_id)
+        v = model(b.input_ids.to(dev), b.pixel_values.to(dev), attention_mask=b.attention_mask.to(dev),
+                  logits=False, values=True).values
+        scores.extend(step_scores(v.float().cpu(), mask))
+    model.train(was)
+    flat_s = [x for sc in scores for x in sc]
+    flat_l = [y for sc, lab in zip(scores, data.labels) for y in lab[:len(sc)]]
+    errs = [(sc, lab[:len(sc)]) for sc, lab in zip(scores, data.labels) if 0 in lab[:len(sc)]]
+    hits = sum(first_error_hit(sc, lab)[0] for sc, lab in errs)
+    return {"step_acc": sum((x >= 0.5) == bool(y) for x, y in zip(flat_s, flat_l)) / max(1, len(flat_s)),
+            "auc": auc(flat_s, flat_l), "first_error_acc": hits / max(1, len(errs)),
+            "steps": len(flat_s), "solutions": len(scores)}
+
+
+# ---- tables ---------------------------------------------------------------------------------
+
+def table(rows: list) -> str:
+    """Markdown table of rows (the first is the header), columns padded."""
+    w = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    out = ["| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(rows[0])) + " |",
+           "|" + "|".join("-" * (x + 2) for x in w) + "|"]
+    return "\n".join(out + ["| " + " | ".join(str(c).ljust(w[i]) for i, c in enumerate(r)) + " |" for r in rows[1:]])
+
+
+def pct(a: dict) -> str:
+    """acc_record -> "41.0% [36.8, 45.4]"."""
+    return f"{100 * a['acc']:.1f}% [{100 * a['ci95'][0]:.1f}, {100 * a['ci95'][1]:.1f}]"
+
+
+def diff_pct(d: dict) -> str:
+    """paired_bootstrap -> "+3.2 [+1.1, +5.3]" (points)."""
+    return f"{100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]"
+
+
+# ---- the recipe ------------------------------------------------------------------------------
+
+def _policy_eval(model, tok, test, hard, data: Path, recipe, prm, quiet: bool) -> tuple[dict, dict]:
+    """Greedy on test and hard; with n = recipe.bon_samples samples at T = 1: maj@N, pass@N and
+    (with a PRM) best-of-N. Returns (summary for results.json, per-problem verdicts for paired tests)."""
+    mx, N = recipe.max_new_tokens, recipe.bon_samples
+    px = problem_pixels(test, data, model.cfg.vision)
+    g_t = sample(model, tok, test, data, max_new_tokens=mx, pixels=px, quiet=quiet)
+    g_h = sample(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
+    out = {"test_greedy": acc_record(g_t.first_correct()), "hard_greedy": acc_record(g_h.first_correct()),
+           "test_greedy_by_family": by_family(test, g_t.first_correct())}
+    verdicts = {"greedy": g_t.first_correct()}
+    if N > 1:
+        s = sample(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, pixels=px, quiet=quiet)
+        out["sample_acc_T1"] = s.sample_acc()
+        if prm is not None:
+            bon = best_of_n_table(test, s, prm_scores(prm, tok, test, s.responses, px))
+        else:
+            bon = {n: {"maj": s.maj(test, n), "pass": s.pass_at(n)} for n in BEST_OF_N_NS if n <= N}
+        out["best_of_n"] = {str(n): {r: acc_record(v) for r, v in rules.items()} for n, rules in bon.items()}
+        verdicts.update({f"{r}@{n}": v for n, rules in bon.items() for r, v in rules.items()})
+    return out, verdicts
+
+
+def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> dict:
+    """Evaluate every trained policy of the run; write results.json and results.md; print them."""
+    from ursa.tokenizer import Tokenizer
+    from ursa.weights import load_model
+    data = Path(recipe.data_dir)
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    test, hard = load_problems(data / "test.jsonl"), load_problems(data / "test_hard.jsonl")
+    t0 = time.time()
+    prm = load_model(run / "prm" / "model", device=rt.device).eval() if (run / "prm" / "model").exists() else None
+    res: dict = {"policies": {}, "paired": {}, "settings": {"bon_samples": recipe.bon_samples, "n_test": len(test),
+                                                           "n_hard": len(hard), "eq10_rule": EQ10_RULE}}
+    per = {}
+    for stage, label in POLICIES:
+        if not (run / stage / "model").exists():
+            continue
+        model = load_model(run / stage / "model", device=rt.device).eval()
+        summary, per[stage] = _policy_eval(model, tok, test, hard, data, recipe, prm if stage != "align" else None, quiet)
+        summary["label"] = label
+        if stage == "sft":
+            for mode in ("blank", "shuffled"):
+                b = sample(model, tok, test, data, image_mode=mode, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+                summary[f"test_greedy_{mode}_images"] = acc_record(b.first_correct())
+        res["policies"][stage] = summary
+    N = recipe.bon_samples
+    for stage in ("sft", "grpo"):
+        v = per.get(stage, {})
+        if f"{EQ10_RULE}@{N}" in v:
+            res["paired"][f"{stage}_best_of_{N}_minus_maj_{N}"] = paired_bootstrap(v[f"{EQ10_RULE}@{N}"], v[f"maj@{N}"])
+    if "sft" in per and "grpo" in per:
+        res["paired"]["grpo_minus_sft_greedy"] = paired_bootstrap(per["grpo"]["greedy"], per["sft"]["greedy"])
+    if (run / "label" / "state.json").exists():
+        res["label"] = io.read_json(run / "label" / "state.json", "label state")
+    if (run / "prm" / "state.json").exists():
+        res["prm_heldout"] = io.read_json(run / "prm" / "state.json", "PRM state").get("heldout", {})
+    times = {**times, "eval": time.time() - t0}
+    res["times_s"] = {k: round(v, 1) for k, v in times.items()}
+    io.write_json(run / "results.json", res)
+    text = render_results(res)
+    io.write_text(run / "results.md", text + "\n")
+    if not quiet:
+        print("\n" + text)
+    return res
+
+
+def render_results(res: dict) -> str:
+    """results.md from results.json alone."""
+    P = res["policies"]
+    rows = [("policy", "toy test (greedy)", "hard test (greedy)")]
+    for stage, p in P.items():
+        rows.append((p["label"], pct(p["test_greedy"]), pct(p["hard_greedy"])))
+        for mode in ("blank", "shuffled"):
+            if f"test_greedy_{mode}_images" in p:
+                rows.append((f"{p['label']}, {mode} images", pct(p[f"test_greedy_{mode}_images"]), "-"))
+    out = [table(rows)]
+    for stage, p in P.items():
+        if "best_of_n" not in p:
+            continue
+        rules = [r for r in ["maj"] + list(AGGREGATIONS) + ["weighted", "pass"] if r in next(iter(p["best_of_n"].values()))]
+        head = ["N"] + [RULE_NAMES[r] + (" (Eq. 10)" if r == EQ10_RULE else "") for r in rules]
+        body = [[n] + [f"{100 * v[r]['acc']:.1f}" for r in rules] for n, v in p["best_of_n"].items()]
+        out.append(f"{p['label']} policy, {res['settings']['bon_samples']} samples per test problem at T = 1.0 "
+                   f"(accuracy %; greedy {100 * p['test_greedy']['acc']:.1f}):\n" + table([head] + body))
+    if res.get("paired"):
+        out.append("Paired differences over test problems (points, 95% bootstrap interval):\n" + table(
+            [("comparison", "difference")] + [(k, diff_pct(d)) for k, d in res["paired"].items()]))
+    if "prm_heldout" in res and res["prm_heldout"]:
+        h = res["prm_heldout"]
+        out.append(f"PRM on held-out DualMath: step accuracy {100 * h['step_acc']:.1f}%, AUC "
+                   f"{h['auc'] if h['auc'] is None else round(h['auc'], 3)}, first-error accuracy "
+                   f"{100 * h['first_error_acc']:.1f}% ({h['steps']} steps, {h['solutions']} solutions)")
+    out.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["times_s"].items()))
+    return "\n\n".join(out)
+
+
+def _trend(metrics: list, key: str) -> Optional[list]:
+    vals = [m[key] for m in metrics if key in m and m[key] is not None]
+    if not vals:
+        return None
+    a, b = vals[:TREND_STEPS], vals[-TREND_STEPS:]
+    return [sum(a) / len(a), sum(b) / len(b)]
+
+
+def evaluate_ablation(run: Path, recipe, dirs: dict, times: dict, rt, quiet: bool = False) -> dict:
+    """SFT vs each GRPO reward (dirs: reward -> run sub-folder): greedy accuracy with intervals,
+    the paired difference to SFT, and the curves' first -> last values."""
+    from ursa.tokenizer import Tokenizer
+    from ursa.weights import load_model
+    data = Path(recipe.data_dir)
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    test, hard = load_problems(data / "test.jsonl"), load_problems(data / "test_hard.jsonl")
+    res, per = {"policies": {}, "paired": {}}, {}
+    for key, d in [("sft", "sft")] + list(dirs.items()):
+        model = load_model(run / d / "model", device=rt.device).eval()
+        a = sample(model, tok, test, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+        b = sample(model, tok, hard, data, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
+        per[key] = a.first_correct()
+        entry = {"test_greedy": acc_record(per[key]), "hard_greedy": acc_record(b.first_correct())}
+        if key != "sft":
+            m = read_metrics(run / d / "metrics.jsonl")
+            entry["curves"] = {k: _trend(m, k) for k in ("acc", "reward", "resp_len", "n_steps", "kl", "drop_rate")}
+            entry["wall_s"] = round(times.get(key, 0.0), 1)
+            res["paired"][f"{key}_minus_sft"] = paired_bootstrap(per[key], per["sft"])
+        res["policies"][key] = entry
+    if "ps" in per and "outcome" in per:
+        res["paired"]["ps_minus_outcome"] = paired_bootstrap(per["ps"], per["outcome"])
+    io.write_json(run / "ablation.json", res)
+    text = render_ablation(res, recipe)
+    io.write_text(run / "ablation.md", text + "\n")
+    if not quiet:
+        print("\n" + text)
+    return res
+
+
+ABLATION_NAMES = {"sft": "SFT", "outcome": "GRPO (outcome reward)", "ps": "PS-GRPO",
+                  "v1": "Variant 1 (outcome + mean step)", "v2": "Variant 2 (step-level advantage)"}
+
+
+def render_ablation(res: dict, recipe) -> str:
+    def fl(c, k, scale=1.0, fmt="{:.1f}"):
+        v = c.get(k)
+        return "-" if not v else f"{fmt.format(scale * v[0])} -> {fmt.format(scale * v[1])}"
+    rows = [("policy", "toy test greedy", "hard test greedy", "vs SFT (points)", "train acc", "resp. tokens", "steps")]
+    for k, e in res["policies"].items():
+        c = e.get("curves", {})
+        d = res["paired"].get(f"{k}_minus_sft")
+        rows.append((ABLATION_NAMES.get(k, k), pct(e["test_greedy"]), pct(e["hard_greedy"]), diff_pct(d) if d else "-",
+                     fl(c, "acc", 100), fl(c, "resp_len"), fl(c, "n_steps", fmt="{:.2f}")))
+    return table(rows) + (f"\n\n(first -> last: mean over the first / last {TREND_STEPS} logged GRPO steps; "
+                          f"{recipe.grpo.steps} steps x {recipe.rl.prompts} prompts x {recipe.rl.group} rollouts)")

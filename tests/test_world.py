@@ -14,8 +14,11 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ursa import world  # noqa: E402
-from ursa.world import (FAMILIES, LETTERS, NUM_ATTR_SLOTS, NUM_ATTR_VALUES, check, corrupt,  # noqa: E402
-                        make_problem, make_problems)
+from ursa import answer  # noqa: E402
+from ursa.oracle import OracleVerdict, oracle_steps, oracle_steps_of  # noqa: E402
+from ursa.mie import corrupt, corruption_kinds, slipped_values  # noqa: E402
+from ursa.world import (FAMILIES, NUM_ATTR_SLOTS, NUM_ATTR_VALUES, check, make_problem, make_problems)  # noqa: E402
+from ursa.world import OPTION_LETTERS as LETTERS  # noqa: E402
 
 N = 150     # problems per split in the sweeps (cycling the families)
 
@@ -403,10 +406,357 @@ def test_write_world_tiny(tmp_path, capsys):
 
     capsys.readouterr()
     stamp = (out / "rl.jsonl").stat().st_mtime_ns
-    synth.write_world(tmp_path / "toy", n_train=9, n_rl=4, n_test=5, n_hard=3, progress=False)
+    synth.write_world(tmp_path / "toy", n_train=9, n_rl=4, n_test=5, n_hard=3, progress=True)
     assert "reusing" in capsys.readouterr().out
     assert (out / "rl.jsonl").stat().st_mtime_ns == stamp
     with pytest.raises(ValueError, match="n_rl 4 -> 2"):
         synth.write_world(tmp_path / "toy", n_train=9, n_rl=2, n_test=5, n_hard=3, progress=False)
     synth.write_world(tmp_path / "toy", n_train=9, n_rl=2, n_test=5, n_hard=3, progress=False, force=True)
     assert len(lines("rl.jsonl")) == 2 and len(list((out / "images").glob("*.png"))) == 9 + 2 + 5 + 3
+
+
+def test_generation_and_perception_mie_are_frozen():
+    """Datasets on disk stay identical: problems and default (perception) MIE output are pinned by
+    a digest taken from the world before arithmetic and option corruptions existed."""
+    import hashlib
+    h = hashlib.sha256()
+    for split in ("train", "test", "hard"):
+        for p in make_problems(60, split):
+            h.update(json.dumps(p.to_dict(), sort_keys=True).encode())
+            h.update(json.dumps(corrupt(p, random.Random(p.seed))).encode())
+    assert h.hexdigest() == "372bcc4f68eeceb541c8b9584ba35e66949bcd06bd91bba9ed21d55e4472be94"
+
+
+def test_letters_and_check_use_the_answer_module():
+    assert LETTERS == answer.LETTERS[:4] == "ABCD"
+    p = make_problem(0, "train", "shapes")              # answer D (15)
+    for resp in ("†Answer: D", "†Answer: (D)", "†Answer: 15", "†Answer: A", "Step 1: 15.", "\\boxed{D}"):
+        assert check(p, resp) == answer.judge(resp, "D", p.choices)[1]
+    assert check(p, "†Answer: 15") and not check(p, "†Answer: 17")
+    assert "PAPER.md" not in world.__doc__ and "DESIGN.md" not in world.__doc__
+
+
+# ---- MIE: arithmetic slips and wrong options -------------------------------------------------
+
+def test_slipped_values_by_hand():
+    assert slipped_values(21) == [11, 12, 19, 20, 22, 23, 31]       # +-1, +-2, +-10, 21 -> 12
+    assert slipped_values(10) == [0, 8, 9, 11, 12, 20]              # no "01"
+    assert slipped_values(36) == [26, 34, 35, 37, 38, 46, 63]
+    assert slipped_values(1) == [0, 2, 3, 11] and slipped_values(0) == [1, 2, 10]
+
+
+def test_arithmetic_corruption_by_hand():
+    p = make_problem(3, "train", "grid")        # perimeter: 4 + 2 = 6, 2 * 6 = 12, 12 * 3 = 36
+    assert p.steps[2:] == ["Step 3: 4 + 2 = 6.", "Step 4: 2 * 6 = 12.", "Step 5: 12 * 3 = 36."]
+    got = {}
+    for s in range(400):
+        steps, ans, i = corrupt(p, random.Random(s), "arithmetic")
+        got[(i, ans)] = steps
+    # slip 4 + 2 -> y in {4, 5, 7, 8, 16}: answer 6y; 2 * 6 -> y in {2, 10, 11, 13, 14, 21, 22}: 3y;
+    # 12 * 3 -> {26, 34, 35, 37, 38, 46, 63}
+    want = {(2, str(6 * y)) for y in (4, 5, 7, 8, 16)} | {(3, str(3 * y)) for y in (2, 10, 11, 13, 14, 21, 22)} \
+        | {(4, str(y)) for y in (26, 34, 35, 37, 38, 46, 63)}
+    assert set(got) == want
+    assert got[(2, "42")] == p.steps[:2] + ["Step 3: 4 + 2 = 7.", "Step 4: 2 * 7 = 14.", "Step 5: 14 * 3 = 42."]
+
+    mc = make_problem(0, "train", "shapes")     # 3 * 2, 1 * 3, 2 * 3, 6 + 3 + 6 = 15 -> D; A 17, B 18, C 25
+    got = {}
+    for s in range(300):
+        steps, ans, i = corrupt(mc, random.Random(s), "arithmetic")
+        got.setdefault((i, ans), steps)
+    # only slips whose total is an option: 17 (A) or 25 (C) from any equation; 18 (B) is out of reach
+    assert set(got) == {(i, a) for i in (3, 4, 5, 6) for a in "AC"}
+    assert got[(4, "A")] == mc.steps[:4] + ["Step 5: 1 * 3 = 5.", "Step 6: 2 * 3 = 6.", "Step 7: 6 + 5 + 6 = 17.",
+                                            "Step 8: 17 is option A."]
+
+
+def test_option_corruption_by_hand():
+    p = make_problem(0, "train", "shapes")      # 15 is option D; A 17 is the nearest distractor
+    seen = {}
+    for s in range(300):
+        steps, ans, i = corrupt(p, random.Random(s), "option")
+        assert i == 7 and steps == p.steps[:7] + [f"Step 8: 15 is option {ans}."]
+        seen[ans] = seen.get(ans, 0) + 1
+    assert set(seen) == {"A", "B", "C"} and seen["A"] > seen["B"] + seen["C"]     # nearest: 1/2 + 1/6
+    t = make_problem(10, "train", "bars")       # tallest: red is option C; colours have no "nearest"
+    assert {corrupt(t, random.Random(s), "option")[1] for s in range(60)} == {"A", "B", "D"}
+    assert corrupt(t, random.Random(0), "option")[0][-1] in {f"Step 6: red is option {x}." for x in "ABD"}
+
+
+def test_corruption_kinds_and_errors():
+    free, mc = make_problem(0, "train", "grid"), make_problem(0, "train", "shapes")
+    tallest = make_problem(10, "train", "bars")
+    assert corruption_kinds(free) == ["perception", "arithmetic"]
+    assert corruption_kinds(mc) == ["perception", "arithmetic", "option"]
+    assert corruption_kinds(tallest) == ["perception", "option"]
+    with pytest.raises(ValueError, match="train-grid-0.*'option'"):
+        corrupt(free, random.Random(0), "option")
+    with pytest.raises(ValueError, match="train-bars-10.*'arithmetic'"):
+        corrupt(tallest, random.Random(0), "arithmetic")
+    with pytest.raises(ValueError, match="train-grid-0.*'typo'"):
+        corrupt(free, random.Random(0), "typo")
+    for p in (free, mc):                        # the default is perception, draw for draw
+        assert all(corrupt(p, random.Random(s)) == corrupt(p, random.Random(s), "perception") for s in range(20))
+
+
+def _kind_of(p, steps, i) -> str:
+    if any(r.match(body(steps[i], i)) for r in PERCEPTION):
+        return "perception"
+    return "option" if " is option " in steps[i] and steps[i][len(f"Step {i + 1}: "):].split()[0] == str(p.facts["value"]) \
+        else "arithmetic"
+
+
+def test_any_weights_perception_twice():
+    for p, kinds in ((make_problem(0, "train", "shapes"), 3), (make_problem(0, "train", "grid"), 2)):
+        n = {"perception": 0, "arithmetic": 0, "option": 0}
+        for s in range(600):
+            steps, ans, i = corrupt(p, random.Random(s), "any")
+            n[_kind_of(p, steps, i)] += 1
+        share = n["perception"] / 600
+        if kinds == 3:                          # 2 : 1 : 1
+            assert 0.42 < share < 0.58 and 0.17 < n["option"] / 600 < 0.33
+        else:                                   # 2 : 1, never an option
+            assert 0.58 < share < 0.75 and n["option"] == 0
+
+
+# ---- the oracle --------------------------------------------------------------------------------
+
+def _resp(*bodies, ans=None) -> str:
+    text = "\n\n".join(f"Step {k + 1}: {b}" for k, b in enumerate(bodies))
+    return text + ("" if ans is None else f"\n\n†Answer: {ans}")
+
+
+def _labels_ok(v: OracleVerdict) -> bool:
+    n, fe = len(v.steps), v.first_error
+    return v.labels == ([1] * n if fe is None else [1] * (fe - 1) + [0] * (n - fe + 1)) and (v.reason == "") == (fe is None)
+
+
+def test_oracle_accepts_every_rendered_solution(problems):
+    for p in _all(problems):
+        for v in (oracle_steps(p, p.solution), oracle_steps_of(p, p.steps, p.answer)):
+            assert v is not None and v.first_error is None and v.labels == [1] * len(p.steps), p.id
+            assert v.answer_correct and v.complete and v.reason == "" and v.steps == p.steps
+
+
+def test_oracle_agrees_with_every_corruption(problems):
+    rng = random.Random(1)
+    n = {"perception": 0, "arithmetic": 0, "option": 0}
+    for p in _all(problems):
+        kinds = corruption_kinds(p)
+        for kind in ("perception", "arithmetic", "option", "any"):
+            if kind != "any" and kind not in kinds:
+                with pytest.raises(ValueError):
+                    corrupt(p, rng, kind)
+                continue
+            for _ in range(2):
+                steps, ans, i = corrupt(p, rng, kind)
+                assert ans != p.answer and steps[:i] == p.steps[:i] and steps[i] != p.steps[i]
+                falsities = [k for k, s in enumerate(steps)
+                             if (eq := re.fullmatch(r"(\d+(?: [-+*] \d+)+) = (-?\d+)\.", body(s, k)))
+                             and eval_chain(eq[1]) != int(eq[2])]
+                got = _kind_of(p, steps, i)
+                n[got] += 1
+                assert falsities == ([i] if got == "arithmetic" else []), (p.id, steps)
+                text = "\n\n".join(steps) + "\n\n†Answer: " + ans
+                for v in (oracle_steps(p, text), oracle_steps_of(p, steps, ans)):
+                    assert v is not None and v.first_error == i + 1, (p.id, kind, steps, v)
+                    assert not v.answer_correct and not v.complete and _labels_ok(v)
+    assert min(n.values()) > 50
+
+
+SHAPES = ["There are 3 circles.", "There is 1 square.", "There are 2 triangles."]     # train-shapes-0
+SHAPES_AR = ["3 * 2 = 6.", "1 * 3 = 3.", "2 * 3 = 6.", "6 + 3 + 6 = 15.", "15 is option D."]
+BARS = ["The orange bar is 7.", "The blue bar is 8."]                                   # train-bars-0
+DIFF = ["The blue bar is 2.", "The green bar is 6.", "The red bar is 4.", "The orange bar is 3."]   # train-bars-4
+TALL = ["The red bar is 6.", "The green bar is 3.", "The orange bar is 4.", "The blue bar is 1."]   # train-bars-10
+SCALED = ["The red bar is 4.", "The blue bar is 6.", "The orange bar is 8.", "The green bar is 3."]  # hard-bars-7
+GRID = ["The rectangle is 3 units wide.", "The rectangle is 5 units tall."]             # train-grid-0, unit 4
+L_AREA = ["The shape is 7 units wide.", "The shape is 4 units tall.", "The cut-out is 2 units wide.",
+          "The cut-out is 3 units tall."]                                               # hard-grid-3, unit 5
+
+# (problem id, step bodies, answer line, first_error, answer_correct, reason), all worked out by hand
+S, SA = SHAPES, SHAPES_AR
+WRONG = [
+    # shapes, multiple choice: 3 circles (2 each), 1 square (3), 2 triangles (3) = 15 -> D (A 17, B 18, C 25)
+    ("train-shapes-0", ["There are 4 circles.", *S[1:], "4 * 2 = 8.", *SA[1:3], "8 + 3 + 6 = 17.", "17 is option A."],
+     "A", 1, False, "step 1 reads 4 circles; the image has 3"),
+    ("train-shapes-0", [*S, "3 * 2 = 7.", *SA[1:3], "7 + 3 + 6 = 16.", "16 is closest to option A."],
+     "A", 4, False, "step 4 states 3 * 2 = 7, which is false (it is 6)"),
+    ("train-shapes-0", [*S, *SA[:3], "6 + 3 + 6 = 16.", "16 is closest to option A."],
+     "A", 7, False, "step 7 states 6 + 3 + 6 = 16, which is false (it is 15)"),
+    ("train-shapes-0", [*S, "3 * 3 = 9.", *SA[1:3], "9 + 3 + 6 = 18.", "18 is option B."],      # a square's value
+     "B", 4, False, "step 4 computes 3 * 3 = 9; next the solution needs 3 * 2 = 6 or 1 * 3 = 3 or 2 * 3 = 6"),
+    ("train-shapes-0", [S[0], S[2], "3 * 2 = 6.", "2 * 3 = 6.", "6 + 6 = 12.", "12 is closest to option D."],
+     "D", 3, True, "step 3 computes 3 * 2 = 6 before reading the squares"),
+    ("train-shapes-0", [*S[:2], SA[0], S[2]], "D", 3, True, "step 3 computes 3 * 2 = 6 before reading the triangles"),
+    ("train-shapes-0", [*S, SA[0], *SA[2:]], "D", 6, True, "step 6 computes 6 + 3 + 6 = 15 before 1 * 3 = 3, which it uses"),
+    ("train-shapes-0", [*S, *SA[:2], *SA[1:]], "D", 6, True, "step 6 computes 1 * 3 = 3, a repeat of an earlier step"),
+    ("train-shapes-0", [*S, S[0], *SA], "D", 4, True, "step 4 reads 3 circles, a repeat of an earlier step"),
+    ("train-shapes-0", [*S, *SA, S[1]], "D", 9, True, "step 9 reads 1 square, a repeat of an earlier step"),
+    ("train-shapes-0", [*S, *SA[:4], "15 is option A."], "A", 8, False,
+     "step 8 names option A (which is 17); 15 is option D"),
+    ("train-shapes-0", [*S, *SA[:4], "15 is option E."],
+     "E", 8, False, "step 8 names option E (there is no such option); 15 is option D"),
+    ("train-shapes-0", [*S, *SA[:4], "16 is option D."], "D", 8, True, "step 8 maps 16 to an option; the value is 15"),
+    ("train-shapes-0", [*S, *SA[:4], "15 is closest to option D."],
+     "D", 8, True, "step 8 says 15 is closest to option D; 15 is option D"),
+    ("train-shapes-0", [*S, *SA[:3], "15 is option D."], "D", 7, True,
+     "step 7 names an option before 6 + 3 + 6 = 15, which it uses"),
+    ("train-shapes-0", [*S, *SA[:3], "6 + 3 = 9.", "9 + 6 = 15.", "15 is option D."],           # partial sums
+     "D", 7, True, "step 7 computes 6 + 3 = 9; next the solution needs 6 + 3 + 6 = 15"),
+    ("train-shapes-0", [*S, "3 * 2 + 1 * 3 + 2 * 3 = 15."],                                     # one mixed equation
+     "D", 4, True,
+     "step 4 computes 3 * 2 + 1 * 3 + 2 * 3 = 15; next the solution needs 3 * 2 = 6 or 1 * 3 = 3 or 2 * 3 = 6"),
+    ("train-shapes-0", [*S, "3 * 2 = 6. 1 * 3 = 4.", "2 * 3 = 6."],                             # merged steps
+     "D", 4, True, "step 4 states 1 * 3 = 4, which is false (it is 3)"),
+    ("train-shapes-0", ["The red bar is 3."], "D", 1, True, "step 1 reads the red bar as 3; the image has no red bar"),
+    # shapes, free form: 3 circles (2), 2 triangles (3), no square = 12; green shapes: 1 circle (3), 1 square (5)
+    ("train-shapes-1", [S[0], "There are 0 squares."], "12", 2, True,
+     "step 2 reads 0 squares, a fact the solution does not state"),
+    ("train-shapes-1", [S[0], S[1]], "15", 2, False, "step 2 reads 1 square; the image has none"),
+    ("train-shapes-3", ["There is 1 red circle."], "D", 1, True,
+     "step 1 reads 1 red circle, a fact the solution does not state"),
+    ("train-shapes-3", ["There are 2 circles."], "D", 1, True, "step 1 reads 2 circles, a fact the solution does not state"),
+    # bars, sum of two: orange 7 + blue 8 = 15 (red 2 not asked)
+    ("train-bars-0", [BARS[0], "The blue bar is 9.", "7 + 9 = 16."], "16", 2, False,
+     "step 2 reads the blue bar as 9; the image shows 8"),
+    ("train-bars-0", [*BARS, "7 + 8 = 16."], "16", 3, False, "step 3 states 7 + 8 = 16, which is false (it is 15)"),
+    ("train-bars-0", [*BARS, "7 + 2 = 9."], "9", 3, False, "step 3 computes 7 + 2 = 9; next the solution needs 7 + 8 = 15"),
+    ("train-bars-0", [BARS[0], "7 + 8 = 15."], "15", 2, True, "step 2 computes 7 + 8 = 15 before reading the blue bar"),
+    ("train-bars-0", [BARS[0], "The red bar is 2.", BARS[1], "7 + 8 = 15."], "15", 2, True,
+     "step 2 reads the red bar as 2, a fact the solution does not state"),
+    ("train-bars-0", [BARS[0], BARS[0], BARS[1], "7 + 8 = 15."], "15", 2, True,
+     "step 2 reads the orange bar as 7, a repeat of an earlier step"),
+    ("train-bars-0", [*BARS, "7 + 8 = 15.", "15 is option A."], "A", 4, False,
+     "step 4 names option A, but the question has no options"),
+    # bars, difference: tallest 6 (green), shortest 2 (blue) -> 4
+    ("train-bars-4", [*DIFF, "6 - 2 = 4."], "4", 5, True,
+     "step 5 computes 6 - 2 = 4 before the tallest is 6 and the shortest is 2, which it uses"),
+    ("train-bars-4", [*DIFF, "The tallest is 6 and the shortest is 3.", "6 - 3 = 3."], "3", 5, False,
+     "step 5 states the tallest is 6 and the shortest is 3; next the solution needs the tallest is 6 and the shortest is 2"),
+    ("train-bars-4", [*DIFF, "The tallest is 6 and the shortest is 2.", "2 - 6 = -4."], "-4", 6, False,
+     "step 6 computes 2 - 6 = -4; next the solution needs 6 - 2 = 4"),
+    # bars, tallest: red, option C of (green, blue, red, orange)
+    ("train-bars-10", [*TALL, "The tallest is the orange bar.", "orange is option D."], "D", 5, False,
+     "step 5 states the tallest is the orange bar; next the solution needs the tallest is the red bar"),
+    ("train-bars-10", [*TALL, "The tallest is the red bar.", "red is option A."], "A", 6, False,
+     "step 6 names option A (which is green); red is option C"),
+    # bars, scaled total: 4 + 6 + 8 + 3 = 21, 21 * 2 = 42
+    ("hard-bars-7", [*SCALED, "4 + 6 + 8 + 3 = 21.", "21 * 2 = 44."], "44", 6, False,
+     "step 6 states 21 * 2 = 44, which is false (it is 42)"),
+    ("hard-bars-7", [*SCALED, "21 * 2 = 42."], "42", 5, True,
+     "step 5 computes 21 * 2 = 42 before 4 + 6 + 8 + 3 = 21, which it uses"),
+    # grid, area: 3 * 5 = 15, 4 * 4 = 16, 15 * 16 = 240
+    ("train-grid-0", ["The rectangle is 4 units wide.", GRID[1], "4 * 5 = 20.", "4 * 4 = 16.", "20 * 16 = 320."], "320", 1,
+     False, "step 1 reads the width as 4 units; the image shows 3"),
+    ("train-grid-0", [*GRID, "3 * 5 = 16.", "4 * 4 = 16.", "16 * 16 = 256."], "256", 3, False,
+     "step 3 states 3 * 5 = 16, which is false (it is 15)"),
+    ("train-grid-0", [*GRID, "3 * 3 = 9."], "144", 3, False,
+     "step 3 computes 3 * 3 = 9; next the solution needs 3 * 5 = 15 or 4 * 4 = 16"),
+    ("train-grid-0", [GRID[0], "3 * 5 = 15."], "240", 2, True, "step 2 computes 3 * 5 = 15 before reading the height"),
+    ("train-grid-0", [*GRID, "3 * 5 = 15.", "15 * 16 = 240."], "240", 4, True,
+     "step 4 computes 15 * 16 = 240 before 4 * 4 = 16, which it uses"),
+    ("train-grid-0", [*GRID, "3 * 5 = 15.", "3 * 5 = 15."], "240", 4, True,
+     "step 4 computes 3 * 5 = 15, a repeat of an earlier step"),
+    ("train-grid-0", [*GRID, "The cut-out is 1 unit wide."], "240", 3, True,
+     "step 3 reads the cut width as 1 unit; the image has no cut-out"),
+    ("train-grid-0", [*GRID, "3 * 5 = 15.", "4 * 4 = 16.", "15 * 16 = 240.", "15 * 16 = 240."], "240", 6, True,
+     "step 6 computes 15 * 16 = 240, a repeat of an earlier step"),
+    # grid, perimeter: 4 + 2 = 6, 2 * 6 = 12, 12 * 3 = 36; L-shape: 7 * 4 = 28, 2 * 3 = 6, 28 - 6 = 22, 5 * 5, 22 * 25
+    ("train-grid-3", ["The rectangle is 4 units wide.", "The rectangle is 2 units tall.", "4 + 2 = 7.", "2 * 7 = 14.",
+                      "14 * 3 = 42."], "42", 3, False, "step 3 states 4 + 2 = 7, which is false (it is 6)"),
+    ("hard-grid-3", [*L_AREA[:2], "The cut-out is 3 units wide.", L_AREA[3]], "475", 3, False,
+     "step 3 reads the cut width as 3 units; the image shows 2"),
+    ("hard-grid-3", [*L_AREA, "7 * 4 = 28.", "2 * 3 = 6.", "28 - 6 = 21."], "525", 7, False,
+     "step 7 states 28 - 6 = 21, which is false (it is 22)"),
+    # grid, multiple choice: 6 * 2 = 12, 4 * 4 = 16, 12 * 16 = 192 -> D (A 96)
+    ("train-grid-1", ["The rectangle is 6 units wide.", "The rectangle is 2 units tall.", "6 * 2 = 12.", "4 * 4 = 16.",
+                      "12 * 16 = 192.", "192 is option A."], "A", 6, False,
+     "step 6 names option A (which is 96); 192 is option D"),
+]
+
+
+@pytest.mark.parametrize("pid,bodies,ans,first_error,answer_correct,reason", WRONG)
+def test_oracle_on_hand_written_wrong_responses(pid, bodies, ans, first_error, answer_correct, reason):
+    p = world.problem_from_id(pid)
+    v = oracle_steps(p, _resp(*bodies, ans=ans))
+    assert v is not None and (v.first_error, v.reason, v.answer_correct) == (first_error, reason, answer_correct)
+    assert not v.complete and _labels_ok(v) and len(v.labels) == len(bodies)
+    assert oracle_steps_of(p, v.steps, ans).labels == v.labels
+
+
+def test_oracle_right_steps_wrong_answer_line_and_incomplete():
+    p = make_problem(0, "train", "shapes")
+    v = oracle_steps(p, _resp(*SHAPES, *SHAPES_AR, ans="A"))
+    assert v.first_error is None and v.labels == [1] * 8 and not v.answer_correct and v.complete
+    v = oracle_steps(p, _resp(*SHAPES, *SHAPES_AR))                      # no answer line
+    assert v.first_error is None and not v.answer_correct and v.complete
+    v = oracle_steps(p, _resp(*SHAPES, *SHAPES_AR[:4], ans="D"))         # stops before the option step
+    assert v.first_error is None and v.labels == [1] * 7 and v.answer_correct and not v.complete
+    assert oracle_steps_of(p, p.steps, None).answer_correct is False
+    assert oracle_steps_of(p, p.steps, "(D)").answer_correct is True
+
+
+ACCEPTED = [    # harmless variants: every step right
+    ("train-shapes-0", _resp(SHAPES[2], SHAPES[0], SHAPES[1], "2 * 3 = 6.", "3 * 2 = 6.", "1 * 3 = 3.", "6 + 6 + 3 = 15.",
+                             "15 is option D.", ans="D"), 8),                   # another reading order
+    ("train-shapes-0", "Step 1:   there is 3 circles\n\nStep 2: There are 1 squares .\n\nStep 3: There are 2 triangle\n\n"
+                       "Step 4: 3*2=6\n\nStep 5: 3 × 1 = 3.\n\nStep 6: 2 *3 = 6.\n\nStep 7: 6+3+6 = 15.\n\n"
+                       "Step 8: 15 is option (D).\n\n†Answer: D", 8),         # spaces, grammar, case, ×, periods
+    ("train-shapes-0", _resp(" ".join(SHAPES), "3 * 2 = 6. 1 * 3 = 3.\n2 * 3 = 6.",
+                             "6 + 3 + 6 = 15. Step 9: 15 is option D.", ans="D"), 3),      # merged steps
+    ("train-shapes-0", "\n\n".join(f"Step 1: {b}" for b in SHAPES + SHAPES_AR) + "\n\n†Answer: D", 8),  # numbering
+    ("train-grid-0", _resp("The shape is 5 units tall.", "The shape is 3 units wide.", "4 * 4 = 16.", "5 * 3 = 15.",
+                           "16 * 15 = 240.", ans="240"), 5),                  # independent computations swapped
+    ("train-bars-0", _resp(BARS[1], BARS[0], "8 + 7 = 15.", ans="15"), 3),
+    ("hard-grid-3", _resp(*L_AREA[::-1], "3 * 2 = 6.", "4 * 7 = 28.", "28 - 6 = 22.", "5 * 5 = 25.", "25 * 22 = 550",
+                          ans="550"), 9),
+]
+
+
+@pytest.mark.parametrize("pid,text,n", ACCEPTED)
+def test_oracle_accepts_harmless_variants(pid, text, n):
+    v = oracle_steps(world.problem_from_id(pid), text)
+    assert v is not None and v.first_error is None and v.labels == [1] * n and v.complete and v.answer_correct, v
+
+
+def test_oracle_unparsable_is_none():
+    p = make_problem(0, "train", "shapes")
+    for text in ("", "   \n", "†Answer: D", _resp(*SHAPES, "I count them carefully.", ans="D"),
+                 "There are 3 circles.\n\n†Answer: D",                       # no step header
+                 _resp("There are three circles.", ans="D"), _resp(*SHAPES, "3 * 2 = 6 points.", ans="D"),
+                 _resp(*SHAPES, "3 * 2 =", ans="D"), _resp(*SHAPES, "2.5 * 2 = 5.", ans="D"),
+                 _resp(*SHAPES, "The tallest bar is 8.", ans="D"), "Let me look.\n\n" + p.solution,
+                 p.solution.replace("Step 4: ", "Step 4:\n\nStep 5: ", 1)):
+        assert oracle_steps(p, text) is None, text
+    assert oracle_steps(p, None) is None and oracle_steps_of(p, [], "D") is None
+    assert oracle_steps_of(p, ["There are 3 circles."], "D") is None and oracle_steps_of(p, [""], None) is None
+
+
+def test_oracle_never_raises_fuzz():
+    rng = random.Random(7)
+    ps = make_problems(12, "train") + make_problems(12, "hard")
+    toks = ["Step ", "Step 1:", "1", "7", "15", "0", " ", "\n", "\n\n", ".", ". ", "*", "+", "-", "=", "×", "There are ",
+            "There is ", "circles", "red ", "The ", "bar is ", "rectangle", "cut-out", " is ", "units", "wide", "tall",
+            "option ", "A", "E", "(", "closest to ", "The tallest is ", " and the shortest is ", "The total is ",
+            "†Answer:", "и", "\\boxed{", "}", "9" * 12, "\t"]
+    for it in range(3000):
+        p = ps[it % len(ps)]
+        if it % 3 == 0:
+            s = "".join(rng.choice(toks) for _ in range(rng.randrange(1, 40)))
+        elif it % 3 == 1:
+            s = list(p.solution)
+            for _ in range(rng.randrange(1, 4)):
+                s.insert(rng.randrange(len(s)), rng.choice(toks))
+            s = "".join(s)
+        else:
+            s = "".join(chr(rng.randrange(1, 0x3000)) for _ in range(rng.randrange(0, 60)))
+        v = oracle_steps(p, s)
+        assert v is None or (_labels_ok(v) and v.steps)
+    for p in ps:                                # every truncation: only the cut step can be wrong
+        text = p.solution
+        for j in range(len(text) + 1):
+            v = oracle_steps(p, text[:j])
+            assert v is None or (_labels_ok(v) and v.first_error in (None, len(v.steps))), (p.id, text[:j])
+            if text[:j].endswith(".") and text[j:].startswith("\n\n"):        # a whole step ends here
+                assert v is not None and v.first_error is None and v.answer_correct == ("†" in text[:j])

@@ -1,5 +1,5 @@
 """The toy visual-math world: small RGB images whose content is needed to answer, with step-by-step
-solutions in URSA's style (PAPER.md, Stage I "Response style") and MIE corruptions (Stage II).
+solutions in URSA's style (URSA, Stage I, "Response style") and MIE corruptions (URSA, Stage II, MIE).
 
 Three families, each drawn with PIL on a 48x48 canvas (4x4 cells of 12 px = one ViT patch each):
 
@@ -13,11 +13,12 @@ Three families, each drawn with PIL on a 48x48 canvas (4x4 cells of 12 px = one 
 A solution is a pure function of the facts AS READ from the image (`render`): perception steps
 state one reading each ("Step 1: There are 3 red circles."), arithmetic steps compute from the
 readings ("Step 4: 3 * 5 = 15."), and the response ends with "\\n\\n†Answer: X". The
-Misinterpretation Insertion Engine (MIE, PAPER.md Stage II) is then just a re-render with one
+Misinterpretation Insertion Engine (MIE, URSA, Stage II) is then just a re-render with one
 reading replaced by a plausible neighbouring wrong value (`corrupt`): everything after the
-misread step is recomputed consistently and ends at a wrong answer. Shapes solutions state only
-the kinds they see (no "There are 0 squares."), so a misread "phantom" shape adds a step and a
-count is never misread as 0 (its step would silently vanish); see `misreadings` for the tiers.
+misread step is recomputed consistently and ends at a wrong answer; `corrupt(..., kind=...)` can
+instead slip one equation's result (recomputing after it) or name a wrong option. Shapes solutions
+state only the kinds they see (no "There are 0 squares."), so a misread "phantom" shape adds a step
+and a count is never misread as 0 (its step would silently vanish); see `misreadings` for the tiers.
 
     Step 1: There are 3 circles.            <- perception steps (one reading each)
     Step 2: There is 1 triangle.
@@ -30,13 +31,15 @@ Multiple choice: 4 options (A)-(D) listed in the question as "Choices: (A) 12 (B
 distractors are the answers that plausible mistakes produce (a one-off misreading, an arithmetic
 slip of +-1, +-2, +-10), and the last step maps the value to its letter ("Step 7: 22 is option B.").
 
-    from ursa.world import make_problem, make_problems, corrupt, check
+    from ursa.world import make_problem, make_problems, check
+    from ursa.mie import corrupt
     p = make_problem(7, "train")          # deterministic per (split, seed)
     p.image.save("x.png"); print(p.question); print(p.solution)
+    steps, answer, first_wrong = corrupt(p, random.Random(0), kind="any")
 
 Difficulty knobs live in `KNOBS` (one `WorldKnobs` per split; "test" shares "train"'s, so the test
-set is in distribution): tune them there. This module imports nothing from the package except
-`ursa.answer` inside `check` (DESIGN.md: world.py is a leaf).
+set is in distribution): tune them there. The module imports only `ursa.answer` from the package;
+the step-level oracle that labels any response to a problem lives in `ursa.oracle`.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
+from ursa.answer import LETTERS, judge
+
 # ---- constants -------------------------------------------------------------------------------
 
 IMAGE_SIZE = 48                     # default canvas side in px; geometry below is in 48-px units
@@ -54,7 +59,7 @@ SPLITS = ("train", "test", "hard")
 KINDS = ("circle", "square", "triangle")
 SHAPE_COLOURS = ("red", "green", "blue")
 BAR_COLOURS = ("red", "green", "blue", "orange")
-LETTERS = "ABCD"
+OPTION_LETTERS = LETTERS[:4]          # (A)-(D): every multiple-choice problem has 4 options
 RGB = {"red": (220, 40, 40), "green": (30, 160, 50), "blue": (40, 80, 220), "orange": (240, 150, 20),
        "grey": (200, 200, 200), "dark": (40, 40, 40)}
 GRID_FILLS = ((150, 190, 240), (240, 190, 140), (170, 220, 160))   # light fill of the figure
@@ -146,12 +151,6 @@ def _join(items: list) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
-def _sum_eq(terms: list) -> tuple:
-    """[15, 3, 4] -> ('15 + 3 + 4 = 22.', 22)"""
-    s = sum(terms)
-    return " + ".join(str(t) for t in terms) + f" = {s}.", s
-
-
 # ---- readings: the facts a solution reads from the image, in step order -----------------------
 
 def _shape_counts(scene: dict) -> dict:
@@ -205,88 +204,116 @@ def _valid_readings(facts: dict, readings: list) -> bool:
 
 # ---- solutions as a function of the readings --------------------------------------------------
 
-def _solve_shapes(q: str, given: dict, readings: list) -> tuple:
-    """-> (perception step texts, arithmetic step texts, value)"""
+class _Calc:
+    """Collects the non-perception steps of one solution. slip = (j, y): the j-th equation (0-based,
+    in step order) states the result y instead of its true value, and every later step computes
+    from y (an MIE arithmetic slip); slip None -> every result is true."""
+
+    def __init__(self, slip: Optional[tuple] = None):
+        self.steps, self.results, self.eq_steps, self.slip = [], [], [], slip
+
+    def eq(self, terms: list, op: str = "+") -> int:
+        """Write "a op b ... = r." (op "+" sums all terms, "*" and "-" take two) and return r."""
+        r = sum(terms) if op == "+" else terms[0] * terms[1] if op == "*" else terms[0] - terms[1]
+        if self.slip is not None and self.slip[0] == len(self.results):
+            r = self.slip[1]
+        self.results.append(r)
+        self.eq_steps.append(len(self.steps))
+        self.steps.append(f" {op} ".join(str(t) for t in terms) + f" = {r}.")
+        return r
+
+    def say(self, text: str) -> None:
+        self.steps.append(text)
+
+
+def _solve_shapes(q: str, given: dict, readings: list, calc: _Calc) -> tuple:
+    """-> (perception step texts, value); the other steps go to calc."""
     per = [_there(n, key) for key, n in readings if n > 0]      # a reader states what it sees
-    products = []
-    ar = []
-    for key, n in readings:
-        if n > 0:
-            val = given["values"][key.split()[-1]]
-            ar.append(f"{n} * {val} = {n * val}.")
-            products.append(n * val)
+    products = [calc.eq([n, given["values"][key.split()[-1]]], "*") for key, n in readings if n > 0]
     if not products:
-        ar.append("The total is 0.")
-        return per, ar, 0
-    if len(products) == 1:
-        return per, ar, products[0]
-    eq, s = _sum_eq(products)
-    return per, ar + [eq], s
+        calc.say("The total is 0.")
+        return per, 0
+    return per, products[0] if len(products) == 1 else calc.eq(products)
 
 
-def _solve_bars(q: str, given: dict, readings: list) -> tuple:
+def _solve_bars(q: str, given: dict, readings: list, calc: _Calc) -> tuple:
     per = [f"The {col} bar is {h}." for col, h in readings]
     hs = [h for _, h in readings]
     if q in ("sum2", "total", "scaled_total"):
-        eq, s = _sum_eq(hs)
-        if q != "scaled_total":
-            return per, [eq], s
-        k = given["scale"]
-        return per, [eq, f"{s} * {k} = {s * k}."], s * k
+        s = calc.eq(hs)
+        return per, calc.eq([s, given["scale"]], "*") if q == "scaled_total" else s
     hi, lo = max(hs), min(hs)
     if q == "diff":
-        return per, [f"The tallest is {hi} and the shortest is {lo}.", f"{hi} - {lo} = {hi - lo}."], hi - lo
+        calc.say(f"The tallest is {hi} and the shortest is {lo}.")
+        return per, calc.eq([hi, lo], "-")
     if q == "tallest":                  # on a (misread) tie the leftmost tallest bar is named
         col = next(c for c, h in readings if h == hi)
-        return per, [f"The tallest is the {col} bar."], col
+        calc.say(f"The tallest is the {col} bar.")
+        return per, col
     raise ValueError(f"unknown bars question type {q!r}")
 
 
-def _solve_grid(q: str, given: dict, readings: list) -> tuple:
+def _solve_grid(q: str, given: dict, readings: list, calc: _Calc) -> tuple:
     v = dict((k, x) for k, x in readings)
     w, h, u = v["width"], v["height"], given["unit"]
     what = "rectangle" if q in ("area", "perimeter") else "shape"
     per = [f"The {what} is {_plural(w, 'unit')} wide.", f"The {what} is {_plural(h, 'unit')} tall."]
     if q == "perimeter":                # in units, then scaled by the unit length
-        return per, [f"{w} + {h} = {w + h}.", f"2 * {w + h} = {2 * (w + h)}.",
-                     f"{2 * (w + h)} * {u} = {2 * (w + h) * u}."], 2 * (w + h) * u
-    ar = [f"{w} * {h} = {w * h}."]
-    a = w * h
+        return per, calc.eq([calc.eq([2, calc.eq([w, h])], "*"), u], "*")
+    a = calc.eq([w, h], "*")
     if q == "l_area":
         cw, ch = v["cut width"], v["cut height"]
         per += [f"The cut-out is {_plural(cw, 'unit')} wide.", f"The cut-out is {_plural(ch, 'unit')} tall."]
-        ar += [f"{cw} * {ch} = {cw * ch}.", f"{a} - {cw * ch} = {a - cw * ch}."]
-        a = a - cw * ch
+        a = calc.eq([a, calc.eq([cw, ch], "*")], "-")
     elif q != "area":
         raise ValueError(f"unknown grid question type {q!r}")
-    return per, ar + [f"{u} * {u} = {u * u}.", f"{a} * {u * u} = {a * u * u}."], a * u * u
+    uu = calc.eq([u, u], "*")
+    return per, calc.eq([a, uu], "*")
 
 
 _SOLVERS = {"shapes": _solve_shapes, "bars": _solve_bars, "grid": _solve_grid}
 
 
-def render(facts: dict, readings: list, choices: Optional[list] = None) -> tuple:
-    """The solution a reader who saw `readings` writes.
+def solve(facts: dict, readings: list, slip: Optional[tuple] = None) -> tuple:
+    """-> (perception step texts, _Calc with the other steps, value)."""
+    calc = _Calc(slip)
+    per, value = _SOLVERS[facts["family"]](facts["qtype"], facts["given"], readings, calc)
+    return per, calc, value
+
+
+def render(facts: dict, readings: list, choices: Optional[list] = None, slip: Optional[tuple] = None) -> tuple:
+    """The solution a reader who saw `readings` writes (slip: see `_Calc`; None for no slip).
 
     Returns (steps, perception_steps, answer, value): steps carry their "Step k: " prefix;
     perception_steps are 0-based indices of the steps that state a reading (one per reading, in
     order, always first); answer is str(value), or for multiple choice the letter of the option
     equal to value (if value is no option: the nearest option, with a "closest to" step)."""
-    per, ar, value = _SOLVERS[facts["family"]](facts["qtype"], facts["given"], readings)
-    answer = str(value)
+    per, calc, value = solve(facts, readings, slip)
+    ar, answer = calc.steps, str(value)
     if choices is not None:
         if answer in choices:
-            answer = LETTERS[choices.index(answer)]
+            answer = OPTION_LETTERS[choices.index(answer)]
             ar = ar + [f"{value} is option {answer}."]
         else:                           # only reachable by a corruption (see `corrupt`)
             i = min(range(len(choices)), key=lambda j: (abs(float(choices[j]) - value), j))
-            answer = LETTERS[i]
+            answer = OPTION_LETTERS[i]
             ar = ar + [f"{value} is closest to option {answer}."]
     steps = [f"Step {i + 1}: {s}" for i, s in enumerate(per + ar)]
     return steps, list(range(len(per))), answer, value
 
 
-# ---- MIE: plausible misreadings --------------------------------------------------------------
+# ---- plausible misreadings (multiple-choice distractors; MIE in ursa/mie.py) ------------------
+
+SLIPS = (-10, -2, -1, 1, 2, 10)         # an arithmetic slip's offsets (besides a digit swap)
+
+
+
+def misread(readings: list, i: int, y: int) -> list:
+    """The readings with reading i replaced by y (a copy)."""
+    r = [list(x) for x in readings]
+    r[i][1] = y
+    return r
+
 
 def misreadings(facts: dict, readings: list) -> list:
     """Plausible wrong readings in tiers of decreasing plausibility: [[(i, new_value), ...], ...].
@@ -313,64 +340,20 @@ def misreadings(facts: dict, readings: list) -> list:
     return tiers
 
 
-def corrupt(problem: Problem, rng: random.Random) -> tuple:
-    """MIE (PAPER.md Stage II): misread one image fact, recompute everything after it.
-
-    Returns (new_steps, new_answer, insert_index): insert_index is the 0-based index of the
-    misread perception step (steps before it are unchanged; it and every later step are wrong);
-    new_answer != problem.answer. The misreading is drawn from the most plausible tier of
-    `misreadings` that changes the answer. Multiple choice: only misreadings whose new value is
-    one of the options count (the distractors are built from tier-0 misreadings, so there almost
-    always is one); if none exists, a tier-0 misreading is used and the solution ends with the
-    nearest option other than the true one ("23 is closest to option C.")."""
-    facts, choices = problem.facts, problem.choices
-    readings = facts["readings"]
-
-    def apply(i, y):
-        r = [list(x) for x in readings]
-        r[i][1] = y
-        return r
-
-    def step_of(i, y):                  # the step that states the misread fact
-        return stated_readings(facts, apply(i, y)).index(i)
-
-    tiers = misreadings(facts, readings)
-    for tier in tiers:
-        ok = []
-        for i, y in tier:
-            steps, _, ans, value = render(facts, apply(i, y), choices)
-            if ans != problem.answer and (choices is None or str(value) in choices):
-                ok.append((step_of(i, y), steps, ans))
-        if ok:
-            k, steps, ans = ok[rng.randrange(len(ok))]
-            return steps, ans, k
-    if choices is None:
-        raise ValueError(f"{problem.id}: no misreading changes the answer")
-    i, y = rng.choice(tiers[0] or tiers[1] or tiers[2])
-    steps, _, _, value = render(facts, apply(i, y), None)
-    gold = LETTERS.index(problem.answer)
-    j = min((k for k in range(len(choices)) if k != gold),
-            key=lambda k: (abs(float(choices[k]) - float(value)), k))
-    steps = steps + [f"Step {len(steps) + 1}: {value} is closest to option {LETTERS[j]}."]
-    return steps, LETTERS[j], step_of(i, y)
-
-
 # ---- multiple choice -------------------------------------------------------------------------
 
 def _numeric_choices(facts: dict, value: int, rng: random.Random) -> list:
     """The true value and 3 distractors: one from a tier-0 misreading, two from misreadings or
     arithmetic slips (+-1, +-2, +-10); non-negative, distinct, in random order."""
     readings = facts["readings"]
-    misread = set()
+    wrong = set()
     for i, y in misreadings(facts, readings)[0]:
-        r = [list(x) for x in readings]
-        r[i][1] = y
-        misread.add(render(facts, r)[3])
-    misread = sorted(x for x in misread if x != value and x >= 0)
-    slips = sorted({value + d for d in (-10, -2, -1, 1, 2, 10)} - {value} - set(misread))
+        wrong.add(render(facts, misread(readings, i, y))[3])
+    wrong = sorted(x for x in wrong if x != value and x >= 0)
+    slips = sorted({value + d for d in SLIPS} - {value} - set(wrong))
     slips = [x for x in slips if x >= 0]
-    picked = [rng.choice(misread)] if misread else []
-    pool = sorted((set(misread) | set(slips)) - set(picked))
+    picked = [rng.choice(wrong)] if wrong else []
+    pool = sorted((set(wrong) | set(slips)) - set(picked))
     picked += rng.sample(pool, 3 - len(picked))
     opts = [value] + picked
     rng.shuffle(opts)
@@ -378,7 +361,7 @@ def _numeric_choices(facts: dict, value: int, rng: random.Random) -> list:
 
 
 def _with_choices(question: str, choices: list) -> str:
-    return question + "\nChoices: " + " ".join(f"({LETTERS[i]}) {c}" for i, c in enumerate(choices))
+    return question + "\nChoices: " + " ".join(f"({OPTION_LETTERS[i]}) {c}" for i, c in enumerate(choices))
 
 
 # ---- scenes: sampling and drawing ------------------------------------------------------------
@@ -590,6 +573,5 @@ def problem_from_id(pid: str, image_size: int = IMAGE_SIZE) -> Problem:
 # ---- checker ---------------------------------------------------------------------------------
 
 def check(problem: Problem, response: str) -> bool:
-    """Whether a response's final answer matches the problem's (URSA's extraction order)."""
-    from ursa.answer import extract_answer, is_equiv
-    return is_equiv(extract_answer(response), problem.answer, problem.choices)
+    """Whether a response's final answer matches the problem's (`ursa.answer.judge`)."""
+    return judge(response, problem.answer, problem.choices)[1]

@@ -60,8 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--benchmark", help="mathvista, mathvision, mathverse, dynamath, wemath or geoqa")
     p.add_argument("--image-root", help="folder the benchmark records' image paths are relative to")
     p.add_argument("--rescore", help="score a file of saved responses (no model)")
-    p.add_argument("--response-field", default="response", help="--rescore: the field holding the response")
-    p.add_argument("--json", help="--rescore: write every item's extraction and verdict (JSONL)")
+    p.add_argument("--response-field", help="--rescore: the field holding the response (default: the first of "
+                                            "response, model_answer, prediction the file has)")
+    p.add_argument("--json", help="--rescore: write every item's extraction and verdict (.jsonl: one line each; "
+                                  "otherwise one JSON object)")
     p.add_argument("--inspect", help="check a released model folder without loading its weights")
     p.add_argument("--dtype", default="bf16", choices=tuple(DTYPES), help="released-model weights dtype")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -117,7 +119,7 @@ def run_benchmark(args):
     model, tok = load_released(args.model, dtype=DTYPES[args.dtype], device=args.device, preset=args.preset)
     n = max(1, args.n) if args.prm else 1
     root = args.image_root or str(Path(args.data).parent)
-    recs = read_records(args.data)[:args.limit]
+    recs = read_records(args.data, args.benchmark)[:args.limit]
     out = generate_on(model, tok, recs, args.benchmark, root, n=n, temperature=args.temperature if n > 1 else 0.0,
                       max_new_tokens=args.max_new_tokens or 2048, batch_size=args.batch_size, seed=args.seed,
                       progress=True)

@@ -44,7 +44,7 @@ from ursa.answer import judge
 from ursa.config import ModelConfig, get_config
 from ursa.data import (DataError, ExampleSet, PRMExamples, conversation_turns, encode_conversations,
                        load_images_u8, next_token_loss, read_jsonl)
-from ursa.dualmath import dualmath_image_root, format_label_stats, label_dualmath
+from ursa.dualmath import dualmath_image_root, format_label_stats, label_dualmath, oracle_relabel
 from ursa.evaluate import gold, load_problems, prm_scores, problem_pixels, prompts_for, sample
 from ursa.generate import generate
 from ursa.grpo import (REWARDS, drop_moment, mixed_groups, policy_loss, rollout_advantages, rollout_batch,
@@ -52,9 +52,11 @@ from ursa.grpo import (REWARDS, drop_moment, mixed_groups, policy_loss, rollout_
 from ursa.io import read_json, write_json, write_text
 from ursa.model import URSAModel, init_weights
 from ursa.prm import prm_loss, split_steps
-from ursa.results import evaluate_ablation, evaluate_recipe, prm_label_metrics, split_by_problem
-from ursa.tokenizer import Tokenizer, train_toy_tokenizer
-from ursa.toydata import write_world
+from ursa.results import (evaluate_ablation, evaluate_prm_ablation, evaluate_recipe, prm_label_metrics,
+                          split_by_problem)
+from ursa.tokenizer import Tokenizer
+from ursa.recipe import GRPOSettings, LabelSettings, Recipe, quick_recipe  # noqa: F401 (the CLI's recipes)
+from ursa.toydata import world_tokenizer, write_world
 from ursa.trainer import (Opt, Runtime, TrainingError, order, set_trainable, stage_done, train_loop,
                           with_epochs, write_result)
 
@@ -64,106 +66,12 @@ RL_FILTER_SEED = 1_234         # the RL-prompt filter's samples (fixed: every GR
 
 
 # =============================================================================================
-# Recipe sizes
-# =============================================================================================
-
-@dataclass
-class LabelSettings:
-    """DualMath labelling (ursa/dualmath.py)."""
-    n_problems: int = 300
-    k_samples: int = 4          # solutions sampled per problem
-    n_probe: int = 8            # completions per BEL probe (paper: 16)
-    compare_mc: int = 60        # wrong solutions also labelled by per-step Monte Carlo
-    mie_kind: str = "perception"
-
-
-@dataclass
-class GRPOSettings:
-    """Stage III settings beside the optimiser (paper, Table 15; the toy's sizes)."""
-    reward: str = "ps"          # outcome | ps | v1 | v2
-    group: int = 8              # G rollouts per prompt
-    prompts: int = 16           # prompts per rollout batch
-    temperature: float = 1.0
-    clip_eps: float = 0.2       # not published; the common value
-    kl_coef: float = 0.003
-    loss_agg: str = "seq-mean"  # Eq. 8's 1/|o_i| per sequence
-    scale_std: bool = True
-    ppo_epochs: int = 1
-    gamma: float = 0.5          # Eq. 6
-    rho: float = 0.3            # Eq. 5 threshold
-    filter: bool = True         # drop prompts the SFT policy always / never solves
-    filter_samples: int = 8
-    gen_batch: Optional[int] = None       # rollouts decoded at once (default: the whole batch)
-    max_prompt_len: Optional[int] = None  # drop longer RL prompts
-
-
-@dataclass
-class Recipe:
-    name: str = "toy"
-    preset: str = "tiny"
-    data_dir: str = "data/toy"
-    n_train: int = 8000
-    n_rl: int = 1000
-    n_test: int = 500
-    n_hard: int = 500
-    vocab_size: int = 512
-    pretrain: Opt = field(default_factory=lambda: Opt(steps=250, lr=2e-3))
-    align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40))
-    sft: Opt = field(default_factory=lambda: Opt(steps=500, lr=1e-3))
-    train_vision_in_sft: bool = True
-    label: LabelSettings = field(default_factory=LabelSettings)
-    prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02))
-    prm_heldout: float = 0.1
-    grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=1e-4, weight_decay=0.0, warmup_ratio=0.05,
-                                                  min_lr_ratio=1.0, log_every=1, ckpt_every=10))
-    rl: GRPOSettings = field(default_factory=GRPOSettings)
-    bon_samples: int = 16
-    max_new_tokens: int = 96
-    init: Optional[str] = None        # a stage's starting model directory (default: the previous stage's)
-    stage_data: Optional[str] = None  # a stage's data file (default: the toy world's / the run's)
-    prm_dir: Optional[str] = None     # grpo: the PRM model directory (default <run>/prm/model)
-    max_len: Optional[int] = None     # truncate training sequences to this many tokens
-
-
-def quick_recipe() -> Recipe:
-    """Every stage at smoke size (about a minute on 2 cores), GRPO included."""
-    small = dict(batch_size=16, micro_batch=16, log_every=5)
-    return Recipe(name="quick", data_dir="data/toy-quick", n_train=400, n_rl=64, n_test=48, n_hard=48,
-                  vocab_size=400, pretrain=Opt(steps=30, lr=2e-3, **small), align=Opt(steps=10, lr=1e-3, **small),
-                  sft=Opt(steps=30, lr=1e-3, **small), label=LabelSettings(32, 4, 4, 8),
-                  prm=Opt(steps=10, lr=5e-4, **small), bon_samples=4,
-                  grpo=Opt(steps=4, lr=5e-5, batch_size=1, micro_batch=16, log_every=1),
-                  rl=GRPOSettings(group=4, prompts=2, filter=False))
-
-
-# =============================================================================================
 # Shared set-up
 # =============================================================================================
 
 def ensure_world(recipe: Recipe, quiet: bool = False) -> Path:
     return write_world(recipe.data_dir, n_train=recipe.n_train, n_rl=recipe.n_rl, n_test=recipe.n_test,
                        n_hard=recipe.n_hard, progress=not quiet)
-
-
-def ensure_tokenizer(run: Path, data_dir: Path, vocab_size: int) -> Tokenizer:
-    """The run's toy BPE, trained once on every text the recipe shows the model (the chat template
-    included, so its phrases merge like the data's own)."""
-    path = run / "tokenizer.json"
-    if path.exists():
-        return Tokenizer.from_file(path)
-    texts = []
-    for r in read_jsonl(data_dir / "cot_train.jsonl"):
-        u, a, _ = conversation_turns(r)
-        texts.append(Tokenizer.chat_prompt(u) + a + "<|im_end|>")
-    for r in read_jsonl(data_dir / "text.jsonl"):
-        texts.append(Tokenizer.chat_prompt(r["text_question"], image=False) + r["solution"])
-    for r in read_jsonl(data_dir / "captions.jsonl"):
-        u, a, _ = conversation_turns(r)
-        texts.append(Tokenizer.chat_prompt(u) + a)
-    tok = train_toy_tokenizer(texts, vocab_size=vocab_size)
-    run.mkdir(parents=True, exist_ok=True)
-    tok.save(path)
-    return tok
 
 
 def model_config(recipe: Recipe, tok: Tokenizer) -> ModelConfig:
@@ -299,15 +207,19 @@ def stage_label(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_aft
     write_json(sd / "state.json", {"done": True, **stats})
 
 
-def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after=None, quiet=False, force=False):
+def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after=None, quiet=False, force=False,
+              oracle: bool = False):
     """Stage II PRM: SFT weights + a value head (dropout 0.1 -> Linear(H, 1)); BCE at the step tags
-    (Eq. 4); the LLM and the head train, the vision tower and projector are frozen (paper)."""
-    sd, opt = run / "prm", recipe.prm
+    (Eq. 4); the LLM and the head train, the vision tower and projector are frozen (paper).
+    oracle=True: the same solutions and training with the oracle's labels, into <run>/prm-oracle."""
+    sd, opt = run / ("prm-oracle" if oracle else "prm"), recipe.prm
     if stage_done(sd):
         return
     torch.manual_seed(opt.seed)
     path = Path(recipe.stage_data) if recipe.stage_data else run / "label" / "dualmath.jsonl"
     recs = read_jsonl(path, required=("question", "steps", "labels", "answer", "image"))
+    if oracle:
+        recs = oracle_relabel(recs)
     train_recs, held = split_by_problem(recs, recipe.prm_heldout)
     if not train_recs:
         raise DataError(f"{path}: no training records for the PRM")
@@ -338,7 +250,8 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
         if not quiet and met and rt.is_main:
             print(f"[prm] held-out: step acc {met['step_acc']:.3f} | AUC {met['auc']:.3f} | first-error acc "
                   f"{met['first_error_acc']:.3f} | {met['steps']} steps in {met['solutions']} solutions")
-        write_result(sd, model, {"stage": "prm", "heldout": met, "train_records": len(train_recs)}, rt)
+        write_result(sd, model, {"stage": "prm", "labels": "oracle" if oracle else "dualmath", "heldout": met,
+                                 "train_records": len(train_recs)}, rt)
 
 
 # =============================================================================================
@@ -508,7 +421,7 @@ def run_stage(name: str, run: Path, recipe: Recipe, rt: Runtime, stop_after=None
     if run.exists() and not run.is_dir():
         raise TrainingError(f"{run}: exists and is not a folder")
     data_dir = rt.main_first(ensure_world, recipe, quiet)
-    tok = rt.main_first(ensure_tokenizer, run, data_dir, recipe.vocab_size)
+    tok = rt.main_first(world_tokenizer, run / "tokenizer.json", data_dir, recipe.vocab_size)
     t = time.time()
     STAGE_FNS[name](run, recipe, tok, rt, stop_after=stop_after, quiet=quiet, force=force, **kw)
     return time.time() - t
@@ -525,11 +438,15 @@ def run_all(recipe: Recipe, run: Path, rt: Runtime, quiet=False) -> dict:
 
 
 def run_ablation(recipe: Recipe, run: Path, rt: Runtime, quiet=False) -> dict:
-    """SFT vs GRPO (outcome) vs PS-GRPO vs Variant 1 vs Variant 2: same SFT, PRM, prompts, seeds and
-    budget; PS-GRPO is the recipe's main run (runs/<name>/grpo), reused when it exists."""
+    """The two ablations. The PRM's labels: the same solutions and training with the oracle's true
+    step labels (runs/<name>/prm-oracle) against BEL + MIE's, both judged on the same SFT samples.
+    The GRPO reward: SFT vs GRPO (outcome) vs PS-GRPO vs Variant 1 vs Variant 2, with the same SFT,
+    PRM, prompts, seeds and budget; PS-GRPO is the recipe's main run (runs/<name>/grpo), reused."""
     for s in STAGES[:-1]:
         run_stage(s, run, recipe, rt, quiet=quiet)
-    times = {r: run_stage("grpo", run, recipe, rt, quiet=quiet, reward=r) for r in REWARDS}
+    times = {"prm-oracle": run_stage("prm", run, recipe, rt, quiet=quiet, oracle=True)}
+    times.update({r: run_stage("grpo", run, recipe, rt, quiet=quiet, reward=r) for r in REWARDS})
+    evaluate_prm_ablation(run, recipe, {"dualmath": "prm", "oracle": "prm-oracle"}, rt, quiet=quiet)
     return evaluate_ablation(run, recipe, {r: grpo_dir_name(r) for r in REWARDS}, times, rt, quiet=quiet)
 
 

@@ -11,8 +11,11 @@ import train
 from ursa.config import get_config
 from ursa.data import DataError, ExampleSet, encode_conversations, read_jsonl
 from ursa.dualmath import label_dualmath
+from ursa.io import jsonable
 from ursa.model import URSAModel, init_weights
 from ursa.prm import STEP_TAG, tag_steps
+from ursa.recipe import GRPOSettings, LabelSettings, Recipe
+from ursa.tokenizer import Tokenizer
 from ursa.trainer import Opt, Runtime, stage_done, train_loop, with_epochs
 from ursa.weights import load_model
 from safetensors.torch import load_file
@@ -20,15 +23,15 @@ from safetensors.torch import load_file
 RT = Runtime()
 
 
-def micro_recipe(tmp: Path) -> train.Recipe:
+def micro_recipe(tmp: Path) -> Recipe:
     small = dict(batch_size=8, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False)
-    return train.Recipe(
+    return Recipe(
         name="micro", preset="micro", data_dir=str(tmp / "data"), n_train=48, n_rl=12, n_test=12, n_hard=12,
         vocab_size=300, pretrain=Opt(steps=4, lr=2e-3, **small), align=Opt(steps=3, lr=1e-3, **small),
-        sft=Opt(steps=4, lr=1e-3, **small), label=train.LabelSettings(8, 2, 2, 3),
+        sft=Opt(steps=4, lr=1e-3, **small), label=LabelSettings(8, 2, 2, 3),
         prm=Opt(steps=3, lr=5e-4, **small), bon_samples=2,
         grpo=Opt(steps=2, lr=5e-5, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False),
-        rl=train.GRPOSettings(prompts=2, group=2, filter=False), max_new_tokens=24)
+        rl=GRPOSettings(prompts=2, group=2, filter=False), max_new_tokens=24)
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +56,7 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
         assert not (run / stage / "resume").exists()
     assert {"align", "sft", "grpo"} <= set(res["policies"]) and "prm_heldout" in res
     assert set(res["policies"]["sft"]["best_of_n"]["2"]) == {"maj", "pass", "weighted", "min", "mean", "last", "product"}
-    assert json.loads((run / "results.json").read_text()) == json.loads(json.dumps(res))
+    assert json.loads((run / "results.json").read_text()) == jsonable(res)          # NaN written as null
     assert "PS-GRPO" in (run / "results.md").read_text()
     # one log line per logged step, with the GRPO statistics the issue asks for
     lines = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
@@ -94,7 +97,7 @@ def test_dualmath_records_are_well_formed(micro_run):
     tmp, run, _ = micro_run
     recs = read_jsonl(run / "label" / "dualmath.jsonl")
     assert recs and {r["source"] for r in recs} <= {"bel", "mie", "correct"}
-    tok = train.Tokenizer.from_file(run / "tokenizer.json")
+    tok = Tokenizer.from_file(run / "tokenizer.json")
     for r in recs:
         assert len(r["labels"]) == len(r["steps"])
         text = tag_steps(r["steps"], r["answer"])
@@ -145,7 +148,7 @@ def test_micro_batches_give_the_same_gradient_as_one_batch():
 def test_label_resume_neither_loses_nor_duplicates(micro_run, tmp_path):
     tmp, run, _ = micro_run
     model = load_model(run / "sft" / "model").eval()
-    tok = train.Tokenizer.from_file(run / "tokenizer.json")
+    tok = Tokenizer.from_file(run / "tokenizer.json")
     src = tmp / "data" / "cot_train.jsonl"
     kw = dict(n_problems=6, k_samples=2, n_probe=2, chunk=2, compare_mc=0, max_new_tokens=24, progress=False)
     label_dualmath(model, tok, src, tmp_path / "a", **kw)
@@ -170,7 +173,7 @@ def test_malformed_line_and_missing_image_are_named(micro_run, tmp_path):
     rec = json.loads(lines[0])
     os.remove(d / rec["image"])
     (d / "cot_train.jsonl").write_text("\n".join(lines) + "\n")
-    tok = train.Tokenizer.from_file(tmp / "runs" / "micro" / "tokenizer.json")
+    tok = Tokenizer.from_file(tmp / "runs" / "micro" / "tokenizer.json")
     with pytest.raises(DataError, match=r"cot_train.jsonl:1: image .* not found"):
         encode_conversations(d / "cot_train.jsonl", tok, get_config("micro"))
 
@@ -185,14 +188,14 @@ def test_failed_stage_leaves_no_result(micro_run, tmp_path):
     shutil.copytree(tmp / "data", bad)
     (bad / "cot_train.jsonl").write_text('{"id": "x", "conversations": []}\n')
     recipe.data_dir = str(bad)
-    tok = train.Tokenizer.from_file(r2 / "tokenizer.json")
+    tok = Tokenizer.from_file(r2 / "tokenizer.json")
     with pytest.raises(DataError, match="cot_train.jsonl:1"):
         train.stage_sft(r2, recipe, tok, RT, quiet=True)
     assert not (r2 / "sft" / "model").exists() and not stage_done(r2 / "sft")
 
 
 def test_stage_flags_override_one_stage_and_epochs_set_steps():
-    r = train.Recipe()
+    r = Recipe()
     args = train.build_parser().parse_args(["sft", "--init", "m", "--data", "d.jsonl", "--max-len", "4096",
                                             "--lr", "1e-5", "--epochs", "2", "--batch-size", "128",
                                             "--micro-batch", "1", "--warmup-ratio", "0.02", "--weight-decay",
@@ -200,14 +203,14 @@ def test_stage_flags_override_one_stage_and_epochs_set_steps():
     train.apply_overrides(r, args)
     assert (r.init, r.stage_data, r.max_len) == ("m", "d.jsonl", 4096)
     assert (r.sft.lr, r.sft.batch_size, r.sft.micro_batch, r.sft.bf16, r.sft.epochs) == (1e-5, 128, 1, False, 2.0)
-    assert r.align.lr == train.Recipe().align.lr                       # other stages untouched
+    assert r.align.lr == Recipe().align.lr                       # other stages untouched
     # 2 epochs over 1000 rows at 128 rows per step: ceil(2000 / 128) = 16 steps
     assert with_epochs(r.sft, 1000, 128).steps == 16
     with pytest.raises(ValueError, match="name the stage"):
-        train.apply_overrides(train.Recipe(), train.build_parser().parse_args(["--lr", "1e-5"]))
+        train.apply_overrides(Recipe(), train.build_parser().parse_args(["--lr", "1e-5"]))
     with pytest.raises(ValueError, match="--steps or --epochs, not both"):
-        train.apply_overrides(train.Recipe(), train.build_parser().parse_args(["sft", "--steps", "3", "--epochs", "1"]))
-    g = train.apply_overrides(train.Recipe(), train.build_parser().parse_args(
+        train.apply_overrides(Recipe(), train.build_parser().parse_args(["sft", "--steps", "3", "--epochs", "1"]))
+    g = train.apply_overrides(Recipe(), train.build_parser().parse_args(
         ["grpo", "--reward", "v2", "--group", "4", "--ppo-epochs", "2", "--kl-coef", "0.01", "--no-rl-filter"]))
     assert (g.rl.reward, g.rl.group, g.rl.ppo_epochs, g.rl.kl_coef, g.rl.filter) == ("v2", 4, 2, 0.01, False)
 
@@ -223,3 +226,66 @@ def test_eval_cli_prm_table_and_diagnosis(micro_run, capsys):
     assert ev.main(args + ["--prm-diagnosis"]) == 0
     out = capsys.readouterr().out
     assert "wrong samples" in out and "drop-moment >= 0.3" in out
+
+
+def test_rl_filter_keeps_exactly_the_mixed_prompts(micro_run, tmp_path, monkeypatch):
+    from ursa.evaluate import Samples
+    tmp, run, _ = micro_run
+    r2 = tmp_path / "run"
+    shutil.copytree(run, r2)
+    recipe = micro_recipe(tmp)
+    recipe.rl.filter, recipe.rl.filter_samples = True, 2
+    patterns = [[True, True], [False, False], [True, False], [False, True]]
+
+    def fake_sample(model, tok, recs, base, n=1, **kw):               # prompt i gets pattern i % 4
+        assert n == 2 and kw["temperature"] == 1.0
+        c = [patterns[i % 4] for i in range(len(recs))]
+        return Samples([["x"] * n for _ in recs], [[None] * n for _ in recs], c)
+
+    monkeypatch.setattr(train, "sample", fake_sample)
+    tok = Tokenizer.from_file(r2 / "tokenizer.json")
+    kept = train.rl_prompts(r2, recipe, tok, RT, quiet=True)
+    all_ids = [r["id"] for r in read_jsonl(tmp / "data" / "rl.jsonl")]
+    assert [r["id"] for r in kept] == [p for i, p in enumerate(all_ids) if i % 4 in (2, 3)]
+    info = json.loads((r2 / "rl_prompts.json").read_text())
+    assert info["right"] == {p: sum(patterns[i % 4]) for i, p in enumerate(all_ids)}
+
+
+def test_grpo_kl_is_zero_at_step_0_and_grows_with_updates(micro_run, tmp_path, monkeypatch):
+    """The reference log-probs reach the KL: policy == reference (SFT) before the first update, so
+    step 0's KL is exactly 0; after updates driven by a non-zero advantage it is positive."""
+    tmp, run, _ = micro_run
+    r2 = tmp_path / "run"
+    shutil.copytree(run, r2)
+    shutil.rmtree(r2 / "grpo")
+    recipe = micro_recipe(tmp)
+    recipe.grpo = Opt(steps=3, lr=3e-2, warmup_ratio=0.0, micro_batch=4, log_every=1, bf16=False)
+    recipe.rl.group, recipe.rl.prompts = 4, 2
+    monkeypatch.setattr(train, "judge", lambda text, *a: (None, len(text) % 2 == 0))   # mixed groups
+    tok = Tokenizer.from_file(r2 / "tokenizer.json")
+    train.stage_grpo(r2, recipe, tok, RT, quiet=True, reward="outcome")
+    lines = [json.loads(l) for l in (r2 / "grpo-outcome" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(lines[0]["kl"]) < 1e-7 and lines[0]["mixed"] > 0
+    assert lines[2]["kl"] > 1e-6
+
+
+def test_grpo_variant2_runs_with_its_token_map(micro_run, tmp_path, monkeypatch):
+    from ursa import grpo
+    tmp, run, _ = micro_run
+    r2 = tmp_path / "run"
+    shutil.copytree(run, r2)
+    recipe = micro_recipe(tmp)
+    recipe.grpo = Opt(steps=1, lr=1e-3, micro_batch=4, log_every=1, bf16=False)
+    seen = []
+    real = grpo.token_step_index
+
+    def spy(text, starts, n):
+        assert len(starts) == 0 or (starts[0] == 0 and all(a <= b for a, b in zip(starts, starts[1:])))
+        seen.append((text, starts, n))
+        return real(text, starts, n)
+
+    monkeypatch.setattr(train, "token_step_index", spy)
+    monkeypatch.setattr(train, "judge", lambda text, *a: (None, len(text) % 2 == 0))
+    train.stage_grpo(r2, recipe, Tokenizer.from_file(r2 / "tokenizer.json"), RT, quiet=True, reward="v2")
+    assert len(seen) == recipe.rl.prompts * recipe.rl.group
+    assert (r2 / "grpo-v2" / "model" / "model.safetensors").exists()

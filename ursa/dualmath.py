@@ -37,11 +37,12 @@ import torch
 from tqdm import tqdm
 
 from ursa import io, world
-from ursa.mie import corrupt
 from ursa.answer import judge
 from ursa.data import DataError, read_jsonl, record_pixels
 from ursa.generate import sample_texts
 from ursa.labeling import bel, correct_record, make_record, mie_record, per_step_mc, validate_record
+from ursa.mie import corrupt
+from ursa.oracle import oracle_steps_of
 from ursa.prm import ANSWER_MARK, STEP_TAG, split_steps
 
 SAMPLE_TEMPERATURE, SAMPLE_TOP_P = 1.0, 0.95   # the paper's incorrect-candidate sampling
@@ -237,3 +238,69 @@ def format_label_stats(s: dict) -> str:
         f"({s['per_step_mc_equivalent'] / max(1, s['bel_completions']):.2f}x)",
         f"measured side by side on {cmp['solutions']} solutions: BEL {cmp['bel_completions']} vs per-step MC "
         f"{cmp['mc_completions']} completions; identical labels on {cmp['agree']}/{cmp['solutions']}"])
+
+
+# ---- label quality against the world's truth ---------------------------------------------------
+
+def _first_zero(labels) -> Optional[int]:
+    """1-based index of the first label 0, None when every label is 1."""
+    return next((i + 1 for i, y in enumerate(labels) if y == 0), None)
+
+
+def compare_first_errors(pairs) -> dict:
+    """pairs: (labelled first error, true first error) with None meaning "no wrong step", or a
+    true value of "unparsable". -> counts and rates: exact, too early (the label blames a step
+    before the true first error, or a step of a solution whose steps are all right), too late
+    (after it, or no step blamed although one is wrong), and unparsable by the oracle."""
+    c = {"solutions": 0, "exact": 0, "too_early": 0, "too_late": 0, "unparsable": 0}
+    for got, true in pairs:
+        c["solutions"] += 1
+        if true == "unparsable":
+            c["unparsable"] += 1
+        elif got == true:
+            c["exact"] += 1
+        elif true is None or (got is not None and got < true):
+            c["too_early"] += 1
+        else:
+            c["too_late"] += 1
+    judged = c["solutions"] - c["unparsable"]
+    for k in ("exact", "too_early", "too_late"):
+        c[f"{k}_rate"] = c[k] / judged if judged else float("nan")
+    return c
+
+
+def oracle_first_error(problem_id: str, steps, answer):
+    """The oracle's first wrong step of a toy solution (1-based, None: all right), or "unparsable"."""
+    v = oracle_steps_of(world.problem_from_id(problem_id), list(steps), answer)
+    return "unparsable" if v is None else v.first_error
+
+
+def label_quality(label_dir) -> dict:
+    """DualMath labels against the oracle step labels of the toy world (ursa/oracle.py):
+    BEL's first error on every BEL record, per-step MC's and BEL's on the compared solutions
+    (compare.jsonl), and MIE records (their insertion must be the oracle's first error)."""
+    label_dir = Path(label_dir)
+    recs = read_jsonl(label_dir / RECORDS, allow_empty=True)
+    out = {}
+    for src in ("bel", "mie", "correct"):
+        pairs = [(_first_zero(r["labels"]), oracle_first_error(r["problem_id"], r["steps"], r["answer"]))
+                 for r in recs if r["source"] == src]
+        out[src] = compare_first_errors(pairs)
+    if (label_dir / COMPARE).exists():
+        rows = read_jsonl(label_dir / COMPARE, allow_empty=True)
+        truth = [oracle_first_error(r["problem_id"], r["steps"], r["answer"]) for r in rows]
+        out["compare_mc"] = compare_first_errors([(_first_zero(r["mc_labels"]), t) for r, t in zip(rows, truth)])
+        out["compare_bel"] = compare_first_errors([(_first_zero(r["bel_labels"]), t) for r, t in zip(rows, truth)
+                                                   if r["bel_labels"] is not None])
+    return out
+
+
+def oracle_relabel(recs: list) -> list:
+    """The same DualMath solutions with the toy world's true step labels (ursa/oracle.py) instead
+    of BEL / MIE's: the oracle-label PRM ablation. Solutions the oracle cannot parse are dropped."""
+    out = []
+    for r in recs:
+        v = oracle_steps_of(world.problem_from_id(r["problem_id"]), r["steps"], r["answer"])
+        if v is not None:
+            out.append({**r, "labels": v.labels, "source": f"oracle-{r['source']}"})
+    return out

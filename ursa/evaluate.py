@@ -244,3 +244,33 @@ def prm_diagnosis(records, s: Samples, scores: list, rho: float = 0.3) -> str:
                        f"{mean(r[2] for r in sel):.3f}  min {mean(r[3] for r in sel):.3f}  drop-moment >= {rho}: "
                        f"{100 * mean(r[4] >= rho for r in sel):.0f}%")
     return "\n".join(out)
+
+
+# ---- the PRM against the truth (ProcessBench-style) ----------------------------------------------
+
+def first_below(scores: Sequence[float], threshold: float = 0.5) -> Optional[int]:
+    """The PRM's predicted first wrong step: 1-based index of the first score below threshold,
+    None when every step scores at least threshold (the solution is judged all right)."""
+    return next((i + 1 for i, s in enumerate(scores) if s < threshold), None)
+
+
+def process_bench(first_errors: Sequence[Optional[int]], labels: Sequence[Sequence[int]],
+                  scores: Sequence[Sequence[float]], threshold: float = 0.5) -> dict:
+    """ProcessBench-style quality of a PRM on solutions whose true step labels are known.
+
+    first_errors[i]: the true 1-based first wrong step of solution i (None: every step right);
+    labels[i]: its true step labels; scores[i]: the PRM's step scores (a solution whose last step
+    carries no tag has one score fewer: steps beyond the scores are not judged). Predicted first
+    error = first_below(scores). Returns acc_wrong (exact first error on solutions with an error),
+    acc_right (no error predicted on all-right solutions), f1 (their harmonic mean), step_auc
+    (scores against the true labels, over every scored step), and the counts."""
+    from ursa.prm import auc
+    hit_w = [first_below(s, threshold) == f for f, s in zip(first_errors, scores) if f is not None]
+    hit_r = [first_below(s, threshold) is None for f, s in zip(first_errors, scores) if f is None]
+    aw = sum(hit_w) / len(hit_w) if hit_w else float("nan")
+    ar = sum(hit_r) / len(hit_r) if hit_r else float("nan")
+    f1 = 2 * aw * ar / (aw + ar) if hit_w and hit_r and aw + ar > 0 else float("nan")
+    fs = [x for s, lab in zip(scores, labels) for x in s[:len(lab)]]
+    fl = [y for s, lab in zip(scores, labels) for y in lab[:len(s)]]
+    return {"acc_wrong": aw, "acc_right": ar, "f1": f1, "step_auc": auc(fs, fl) if fs else float("nan"),
+            "wrong": len(hit_w), "right": len(hit_r), "steps": len(fs)}

@@ -21,6 +21,8 @@ import torch
 from ursa import io
 from ursa.evaluate import (BEST_OF_N_NS, RULE_NAMES, acc_record, best_of_n_table, by_family, load_problems,
                            paired_bootstrap, prm_scores, problem_pixels, sample)
+from ursa.dualmath import label_quality
+from ursa.plots import line_chart
 from ursa.prm import AGGREGATIONS, auc, first_error_hit, step_scores
 from ursa.trainer import read_metrics
 
@@ -85,26 +87,47 @@ def diff_pct(d: dict) -> str:
 
 # ---- the recipe ------------------------------------------------------------------------------
 
-def _policy_eval(model, tok, test, hard, data: Path, recipe, prm, quiet: bool) -> tuple[dict, dict]:
+def _policy_eval(model, tok, test, hard, data: Path, recipe, prm, quiet: bool) -> tuple[dict, dict, dict]:
     """Greedy on test and hard; with n = recipe.bon_samples samples at T = 1: maj@N, pass@N and
-    (with a PRM) best-of-N. Returns (summary for results.json, per-problem verdicts for paired tests)."""
+    (with a PRM) best-of-N. Returns (summary for results.json, per-problem verdicts for paired
+    tests, {"samples", "scores"} of the N samples for the PRM measurements)."""
     mx, N = recipe.max_new_tokens, recipe.bon_samples
     px = problem_pixels(test, data, model.cfg.vision)
     g_t = sample(model, tok, test, data, max_new_tokens=mx, pixels=px, quiet=quiet)
     g_h = sample(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
     out = {"test_greedy": acc_record(g_t.first_correct()), "hard_greedy": acc_record(g_h.first_correct()),
            "test_greedy_by_family": by_family(test, g_t.first_correct())}
-    verdicts = {"greedy": g_t.first_correct()}
+    verdicts, extra = {"greedy": g_t.first_correct()}, {}
     if N > 1:
         s = sample(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, pixels=px, quiet=quiet)
         out["sample_acc_T1"] = s.sample_acc()
+        extra["samples"] = s
         if prm is not None:
-            bon = best_of_n_table(test, s, prm_scores(prm, tok, test, s.responses, px))
+            extra["scores"] = prm_scores(prm, tok, test, s.responses, px)
+            bon = best_of_n_table(test, s, extra["scores"])
         else:
             bon = {n: {"maj": s.maj(test, n), "pass": s.pass_at(n)} for n in BEST_OF_N_NS if n <= N}
         out["best_of_n"] = {str(n): {r: acc_record(v) for r, v in rules.items()} for n, rules in bon.items()}
         verdicts.update({f"{r}@{n}": v for n, rules in bon.items() for r, v in rules.items()})
-    return out, verdicts
+    return out, verdicts, extra
+
+
+def oracle_verdicts(records, s) -> list:
+    """The oracle's verdict (ursa/oracle.py) on every sample of every toy record: [i][j] ->
+    OracleVerdict or None (unparsable)."""
+    from ursa import world
+    from ursa.oracle import oracle_steps
+    return [[oracle_steps(world.problem_from_id(r["id"]), t) for t in rs] for r, rs in zip(records, s.responses)]
+
+
+def prm_quality(verdicts: list, scores: list) -> dict:
+    """ProcessBench-style metrics of one PRM on sampled solutions with oracle step labels
+    (unparsable solutions skipped and counted)."""
+    from ursa.evaluate import process_bench
+    flat = [(v, sc) for vs, ss in zip(verdicts, scores) for v, sc in zip(vs, ss)]
+    ok = [(v, sc) for v, sc in flat if v is not None]
+    q = process_bench([v.first_error for v, _ in ok], [v.labels for v, _ in ok], [sc for _, sc in ok])
+    return {**q, "unparsable": len(flat) - len(ok)}
 
 
 def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> dict:
@@ -123,8 +146,12 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         if not (run / stage / "model").exists():
             continue
         model = load_model(run / stage / "model", device=rt.device).eval()
-        summary, per[stage] = _policy_eval(model, tok, test, hard, data, recipe, prm if stage != "align" else None, quiet)
+        summary, per[stage], extra = _policy_eval(model, tok, test, hard, data, recipe,
+                                                  prm if stage != "align" else None, quiet)
         summary["label"] = label
+        if stage == "sft" and "scores" in extra:
+            res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"])
+            plot_best_of_n(run / "best_of_n.png", summary, "SFT policy on the toy test")
         if stage == "sft":
             for mode in ("blank", "shuffled"):
                 b = sample(model, tok, test, data, image_mode=mode, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
@@ -139,6 +166,7 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         res["paired"]["grpo_minus_sft_greedy"] = paired_bootstrap(per["grpo"]["greedy"], per["sft"]["greedy"])
     if (run / "label" / "state.json").exists():
         res["label"] = io.read_json(run / "label" / "state.json", "label state")
+        res["label_quality"] = label_quality(run / "label")
     if (run / "prm" / "state.json").exists():
         res["prm_heldout"] = io.read_json(run / "prm" / "state.json", "PRM state").get("heldout", {})
     times = {**times, "eval": time.time() - t0}
@@ -149,6 +177,20 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
     if not quiet:
         print("\n" + text)
     return res
+
+
+def plot_best_of_n(path: Path, summary: dict, title: str):
+    """Accuracy against N (Table 2's shape): greedy, maj@N, PRM best-of-N (Eq. 10), pass@N."""
+    bon = summary["best_of_n"]
+    ns = [int(n) for n in bon]
+    series = {"greedy": [(n, summary["test_greedy"]["acc"]) for n in ns],
+              "maj@N (self-consistency)": [(n, bon[str(n)]["maj"]["acc"]) for n in ns]}
+    if EQ10_RULE in bon[str(ns[0])]:
+        series[f"PRM best-of-N ({EQ10_RULE})"] = [(n, bon[str(n)][EQ10_RULE]["acc"]) for n in ns]
+        series["PRM best-of-N (min)"] = [(n, bon[str(n)]["min"]["acc"]) for n in ns]
+    series["pass@N (any right)"] = [(n, bon[str(n)]["pass"]["acc"]) for n in ns]
+    line_chart(path, series, title=title, xlabel="N (samples per problem)", ylabel="accuracy", log2_x=True,
+               x_ticks=ns)
 
 
 def render_results(res: dict) -> str:
@@ -177,8 +219,62 @@ def render_results(res: dict) -> str:
         out.append(f"PRM on held-out DualMath: step accuracy {100 * h['step_acc']:.1f}%, AUC "
                    f"{h['auc'] if h['auc'] is None else round(h['auc'], 3)}, first-error accuracy "
                    f"{100 * h['first_error_acc']:.1f}% ({h['steps']} steps, {h['solutions']} solutions)")
+    if res.get("prm_quality"):
+        q = res["prm_quality"]
+        out.append(f"PRM against the oracle on the SFT policy's test samples (ProcessBench-style: the first step "
+                   f"scoring below 0.5 is the predicted first error): exact first error on {q['wrong']} wrong "
+                   f"solutions {100 * q['acc_wrong']:.1f}%, no error predicted on {q['right']} right ones "
+                   f"{100 * q['acc_right']:.1f}%, F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} "
+                   f"({q['unparsable']} unparsable samples skipped)")
+    if res.get("label_quality"):
+        rows = [("labels", "solutions", "exact first error", "too early", "too late", "unparsable")]
+        names = {"bel": "BEL records", "mie": "MIE records", "correct": "correct records",
+                 "compare_bel": "BEL (compared subset)", "compare_mc": "per-step MC (compared subset)"}
+        for k, c in res["label_quality"].items():
+            if c["solutions"]:
+                rows.append((names.get(k, k), c["solutions"], f"{100 * c['exact_rate']:.1f}%",
+                             f"{100 * c['too_early_rate']:.1f}%", f"{100 * c['too_late_rate']:.1f}%", c["unparsable"]))
+        out.append("DualMath labels against the oracle's first wrong step:\n" + table(rows))
     out.append("wall time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["times_s"].items()))
     return "\n\n".join(out)
+
+
+def evaluate_prm_ablation(run: Path, recipe, prms: dict, rt, quiet: bool = False) -> dict:
+    """Several PRMs (prms: name -> run sub-folder) judged on the SAME SFT samples of the test set:
+    best-of-N per N and aggregation, ProcessBench-style quality against the oracle, and the paired
+    difference of each PRM's best-of-N (Eq. 10) to the first's. Writes prm_ablation.json / .md."""
+    from ursa.tokenizer import Tokenizer
+    from ursa.weights import load_model
+    data, N = Path(recipe.data_dir), recipe.bon_samples
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    test = load_problems(data / "test.jsonl")
+    policy = load_model(run / "sft" / "model", device=rt.device).eval()
+    px = problem_pixels(test, data, policy.cfg.vision)
+    s = sample(policy, tok, test, data, n=N, temperature=1.0, max_new_tokens=recipe.max_new_tokens, pixels=px, quiet=quiet)
+    verdicts = oracle_verdicts(test, s)
+    res, per, first = {"prms": {}, "paired": {}, "bon_samples": N}, {}, None
+    for name, d in prms.items():
+        prm = load_model(run / d / "model", device=rt.device).eval()
+        scores = prm_scores(prm, tok, test, s.responses, px)
+        bon = best_of_n_table(test, s, scores)
+        per[name] = bon[N][EQ10_RULE]
+        res["prms"][name] = {"best_of_n": {str(n): {r: acc_record(v) for r, v in rules.items()} for n, rules in bon.items()},
+                             "quality": prm_quality(verdicts, scores)}
+        first = first or name
+        if name != first:
+            res["paired"][f"{name}_minus_{first}_best_of_{N}"] = paired_bootstrap(per[name], per[first])
+    io.write_json(run / "prm_ablation.json", res)
+    rows = [("PRM labels", f"best-of-{N} ({EQ10_RULE})", f"maj@{N}", f"pass@{N}", "first error exact (wrong)",
+             "no error (right)", "F1", "step AUC")]
+    for name, e in res["prms"].items():
+        b, q = e["best_of_n"][str(N)], e["quality"]
+        rows.append((name, pct(b[EQ10_RULE]), pct(b["maj"]), pct(b["pass"]), f"{100 * q['acc_wrong']:.1f}%",
+                     f"{100 * q['acc_right']:.1f}%", f"{100 * q['f1']:.1f}", f"{q['step_auc']:.3f}"))
+    text = table(rows) + "".join(f"\n\n{k}: {diff_pct(d)} points (paired 95% interval)" for k, d in res["paired"].items())
+    io.write_text(run / "prm_ablation.md", text + "\n")
+    if not quiet:
+        print("\n" + text)
+    return res
 
 
 def _trend(metrics: list, key: str) -> Optional[list]:
@@ -213,11 +309,31 @@ def evaluate_ablation(run: Path, recipe, dirs: dict, times: dict, rt, quiet: boo
     if "ps" in per and "outcome" in per:
         res["paired"]["ps_minus_outcome"] = paired_bootstrap(per["ps"], per["outcome"])
     io.write_json(run / "ablation.json", res)
+    plot_curves(run, dirs)
     text = render_ablation(res, recipe)
     io.write_text(run / "ablation.md", text + "\n")
     if not quiet:
         print("\n" + text)
     return res
+
+
+def smooth(vals: list, k: int = TREND_STEPS) -> list:
+    """Trailing moving average over k points (the first points average what there is)."""
+    return [sum(vals[max(0, i - k + 1):i + 1]) / len(vals[max(0, i - k + 1):i + 1]) for i in range(len(vals))]
+
+
+def plot_curves(run: Path, dirs: dict):
+    """Fig. 4's shape: training accuracy, response length and steps per response over the GRPO
+    steps of each reward (moving average of 5 steps): grpo_acc.png, grpo_resp_len.png, grpo_n_steps.png."""
+    for key, ylabel in (("acc", "training accuracy"), ("resp_len", "response tokens"), ("n_steps", "steps per response")):
+        series = {}
+        for r, d in dirs.items():
+            m = [x for x in read_metrics(run / d / "metrics.jsonl") if key in x]
+            if m:
+                series[ABLATION_NAMES.get(r, r)] = list(zip([x["step"] for x in m], smooth([x[key] for x in m])))
+        if series:
+            line_chart(run / f"grpo_{key}.png", series, title=f"GRPO rewards: {ylabel} over training",
+                       xlabel="optimizer step", ylabel=ylabel)
 
 
 ABLATION_NAMES = {"sft": "SFT", "outcome": "GRPO (outcome reward)", "ps": "PS-GRPO",

@@ -29,6 +29,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ursa import io, world
+from ursa.data import conversation_turns, read_jsonl
+from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 
 SEED_STRIDE = 10_000_000        # problem seeds of --seed s start at s * SEED_STRIDE
 
@@ -147,3 +149,24 @@ def _write_into(tmp: Path, base: int, n_train: int, n_rl: int, n_test: int, n_ha
     manifest = {"args": args, "world": sig, "counts": counts,
                 "stats": {"train": _stats(cot), "test": _stats(test), "hard": _stats(hard)}}
     io.write_json(tmp / "manifest.json", manifest, indent=2)
+
+
+def world_tokenizer(path: Path, data_dir: Path, vocab_size: int) -> Tokenizer:
+    """The run's toy BPE at `path`, trained once on every text of the world's datasets (the chat
+    template included, so its phrases merge like the data's own), then read back from the file."""
+    path = Path(path)
+    if path.exists():
+        return Tokenizer.from_file(path)
+    texts = []
+    for r in read_jsonl(data_dir / "cot_train.jsonl"):
+        u, a, _ = conversation_turns(r)
+        texts.append(Tokenizer.chat_prompt(u) + a + "<|im_end|>")
+    for r in read_jsonl(data_dir / "text.jsonl"):
+        texts.append(Tokenizer.chat_prompt(r["text_question"], image=False) + r["solution"])
+    for r in read_jsonl(data_dir / "captions.jsonl"):
+        u, a, _ = conversation_turns(r)
+        texts.append(Tokenizer.chat_prompt(u) + a)
+    tok = train_toy_tokenizer(texts, vocab_size=vocab_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(path)
+    return tok

@@ -1,0 +1,84 @@
+"""The toy recipe's sizes: one dataclass per stage group, the default run and the smoke-size run.
+
+    from ursa.recipe import Recipe, quick_recipe
+    r = Recipe()                 # what `python train.py` runs (train.py's flags override single fields)
+    q = quick_recipe()           # `python train.py --quick`: every stage at smoke size
+
+The optimiser settings of each stage are ursa.trainer.Opt; the defaults below are the toy's, chosen
+for a 2-core CPU (the paper's 8B settings are in docs/paper.md and docs/scale_out.md).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ursa.trainer import Opt
+
+
+@dataclass
+class LabelSettings:
+    """DualMath labelling (ursa/dualmath.py)."""
+    n_problems: int = 300
+    k_samples: int = 4          # solutions sampled per problem
+    n_probe: int = 8            # completions per BEL probe (paper: 16)
+    compare_mc: int = 60        # wrong solutions also labelled by per-step Monte Carlo
+    mie_kind: str = "perception"
+
+
+@dataclass
+class GRPOSettings:
+    """Stage III settings beside the optimiser (paper, Table 15; the toy's sizes)."""
+    reward: str = "ps"          # outcome | ps | v1 | v2
+    group: int = 8              # G rollouts per prompt
+    prompts: int = 16           # prompts per rollout batch
+    temperature: float = 1.0
+    clip_eps: float = 0.2       # not published; the common value
+    kl_coef: float = 0.003
+    loss_agg: str = "seq-mean"  # Eq. 8's 1/|o_i| per sequence
+    scale_std: bool = True
+    ppo_epochs: int = 1
+    gamma: float = 0.5          # Eq. 6
+    rho: float = 0.3            # Eq. 5 threshold
+    filter: bool = True         # drop prompts the SFT policy always / never solves
+    filter_samples: int = 8
+    gen_batch: Optional[int] = None       # rollouts decoded at once (default: the whole batch)
+    max_prompt_len: Optional[int] = None  # drop longer RL prompts
+
+
+@dataclass
+class Recipe:
+    name: str = "toy"
+    preset: str = "tiny"
+    data_dir: str = "data/toy"
+    n_train: int = 8000
+    n_rl: int = 1000
+    n_test: int = 500
+    n_hard: int = 500
+    vocab_size: int = 512
+    pretrain: Opt = field(default_factory=lambda: Opt(steps=250, lr=2e-3))
+    align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40))
+    sft: Opt = field(default_factory=lambda: Opt(steps=500, lr=1e-3))
+    train_vision_in_sft: bool = True
+    label: LabelSettings = field(default_factory=LabelSettings)
+    prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02))
+    prm_heldout: float = 0.1
+    grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=1e-4, weight_decay=0.0, warmup_ratio=0.05,
+                                                  min_lr_ratio=1.0, log_every=1, ckpt_every=10))
+    rl: GRPOSettings = field(default_factory=GRPOSettings)
+    bon_samples: int = 16
+    max_new_tokens: int = 96
+    init: Optional[str] = None        # a stage's starting model directory (default: the previous stage's)
+    stage_data: Optional[str] = None  # a stage's data file (default: the toy world's / the run's)
+    prm_dir: Optional[str] = None     # grpo: the PRM model directory (default <run>/prm/model)
+    max_len: Optional[int] = None     # truncate training sequences to this many tokens
+
+
+def quick_recipe() -> Recipe:
+    """Every stage at smoke size (about a minute on 2 cores), GRPO included."""
+    small = dict(batch_size=16, micro_batch=16, log_every=5)
+    return Recipe(name="quick", data_dir="data/toy-quick", n_train=400, n_rl=64, n_test=48, n_hard=48,
+                  vocab_size=400, pretrain=Opt(steps=30, lr=2e-3, **small), align=Opt(steps=10, lr=1e-3, **small),
+                  sft=Opt(steps=30, lr=1e-3, **small), label=LabelSettings(32, 4, 4, 8),
+                  prm=Opt(steps=10, lr=5e-4, **small), bon_samples=4,
+                  grpo=Opt(steps=4, lr=5e-5, batch_size=1, micro_batch=16, log_every=1),
+                  rl=GRPOSettings(group=4, prompts=2, filter=False))

@@ -107,15 +107,8 @@ def freeze_for(model, task: str):
             p.requires_grad = n.split(".")[0] in ("language_model", "score")
 
 
-def fresh_head(cfg, seed: int = 0) -> dict:
-    """The documented fresh value head of build_fsdp_model: N(0, 0.02) from Generator(seed), bias 0."""
-    g = torch.Generator().manual_seed(seed)
-    return {"score.weight": torch.randn(1, cfg.lm.hidden_size, generator=g) * 0.02,
-            "score.bias": torch.zeros(1)}
-
-
 def make_opt(params):
-    from train import Opt, make_optimizer
+    from ursa.trainer import Opt, make_optimizer
     return make_optimizer(params, Opt(lr=LR, weight_decay=WD, clip=CLIP))
 
 
@@ -139,7 +132,6 @@ def _reference_run(name: str, base_dir: Path | None) -> tuple[list, list, torch.
         model = load_model(base_dir, value_head=True)
         model.cfg.value_head_dropout = 0.0
         model.score_dropout.p = 0.0
-        model.load_state_dict({**model.state_dict(), **fresh_head(cfg)})
     else:
         model = init_weights(URSAModel(cfg), std=0.2, seed=0)
     freeze_for(model, job["task"])

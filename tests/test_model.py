@@ -1,5 +1,8 @@
-"""The VLM: image merge, generation (batched == alone, log-probs, per-row stop), checkpoints, loss mask."""
+"""The VLM: image merge, generation (batched == alone, log-probs, per-row stop), checkpoints (strict,
+streamed, NaN / truncation / pickle refused, config.json checked, kill-safe), the seeded value head,
+loss mask."""
 import json
+import pickle
 
 import pytest
 import torch
@@ -7,9 +10,9 @@ import torch
 from ursa.config import ModelConfig, get_config
 from ursa.data import next_token_loss
 from ursa.generate import generate
-from ursa.model import URSAModel, init_weights
+from ursa.model import VALUE_HEAD_STD, URSAModel, init_value_head, init_weights, value_head_tensors
 from ursa.tokenizer import Tokenizer, train_toy_tokenizer
-from ursa.weights import CheckpointError, load_model, save_model, save_state_dict
+from ursa.weights import CheckpointError, load_model, read_config, save_model, save_state_dict
 
 
 def _model(seed=0, value_head=False):
@@ -140,10 +143,16 @@ def test_missing_extra_misshaped_tensors_are_named(tmp_path):
     with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\): language_model.model.layers.1.mlp.up_proj.weight"):
         load_model(d)
     d = _write_with(tmp_path / "b", lambda sd: sd.__setitem__("extra.weight", torch.zeros(2)))
-    with pytest.raises(CheckpointError, match="unexpected tensor.*extra.weight"):
+    with pytest.raises(CheckpointError, match=r"model.safetensors: has 1 tensor\(s\) the model does not use: extra.weight"):
         load_model(d)
+    # both at once: one line names the missing and the unused tensors
+    d = _write_with(tmp_path / "m", lambda sd: sd.__setitem__("extra.weight", sd.pop("aligner.layers.0.bias")))
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    assert str(e.value) == (f"{d}: lacks 1 tensor(s): aligner.layers.0.bias; {d / 'model.safetensors'}: "
+                            f"has 1 tensor(s) the model does not use: extra.weight")
     d = _write_with(tmp_path / "c", lambda sd: sd.__setitem__("aligner.layers.0.bias", torch.zeros(5)))
-    with pytest.raises(CheckpointError, match=r"aligner.layers.0.bias \[5\] \(expected \[32\]\)"):
+    with pytest.raises(CheckpointError, match=r"shape mismatch: aligner.layers.0.bias \[5\] \(model: \[32\]\)"):
         load_model(d)
 
 
@@ -155,6 +164,138 @@ def test_checkpoint_of_another_architecture_is_rejected(tmp_path):
     (tmp_path / "ck" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="lacks .*language_model.model.layers.2"):
         load_model(tmp_path / "ck")
+
+
+def test_non_finite_tensor_is_refused_naming_tensor_and_file(tmp_path):
+    name = "language_model.model.layers.1.mlp.up_proj.weight"
+
+    def poison(value):
+        def f(sd):
+            sd[name] = sd[name].clone()
+            sd[name][3, 5] = value
+        return f
+
+    for i, bad in enumerate((float("nan"), float("inf"))):
+        d = _write_with(tmp_path / str(i), poison(bad))
+        with pytest.raises(CheckpointError) as e:
+            load_model(d)
+        assert str(e.value) == f"{d / 'model.safetensors'}: {name} has NaN/inf values"
+    # finite in the file but not in the requested dtype: float16 tops out at 65504
+    d = _write_with(tmp_path / "big", poison(1e6))
+    assert load_model(d).state_dict()[name][3, 5].item() == 1e6
+    with pytest.raises(CheckpointError, match=f"{name} overflows torch.float16"):
+        load_model(d, dtype=torch.float16)
+
+
+class _Marker:
+    """Unpickling this object would create a folder: the test checks that nothing unpickles."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+        return (os.mkdir, (self.path,))
+
+
+def test_truncated_corrupt_or_pickled_file_is_one_line_naming_it(tmp_path):
+    d = _write_with(tmp_path / "cut", lambda sd: None)
+    f = d / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-100])                        # killed while copying
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    assert str(e.value).startswith(f"{f}: truncated or not a safetensors file (") and "\n" not in str(e.value)
+    f.write_bytes(b"")                                            # empty
+    with pytest.raises(CheckpointError, match="truncated or not a safetensors file"):
+        load_model(d)
+    marker = tmp_path / "unpickled"
+    f.write_bytes(pickle.dumps({"w": _Marker(marker)}))          # a pickle named .safetensors
+    with pytest.raises(CheckpointError, match=f"{f}: truncated or not a safetensors file"):
+        load_model(d)
+    assert not marker.exists()
+    # a truncated shard of a sharded directory is named too
+    m = _model(6)
+    save_model(m, tmp_path / "sh", max_shard_bytes=20_000)
+    shard = sorted((tmp_path / "sh").glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:50])
+    with pytest.raises(CheckpointError, match=f"{shard}: truncated or not a safetensors file"):
+        load_model(tmp_path / "sh")
+
+
+def _edit_config(tmp_path, edit):
+    m = _model(7)
+    d = tmp_path / "ck"
+    save_model(m, d)
+    raw = json.loads((d / "config.json").read_text())
+    edit(raw["ursa_config"])
+    (d / "config.json").write_text(json.dumps(raw))
+    return d, d / "config.json"
+
+
+def test_inconsistent_config_json_names_file_and_field(tmp_path):
+    d, p = _edit_config(tmp_path / "a", lambda c: c["lm"].__setitem__("hiden_size", 3))
+    with pytest.raises(CheckpointError) as e:
+        load_model(d)
+    assert str(e.value) == f"{p}: ursa_config.lm: unknown field(s) ['hiden_size'] for LMConfig"
+    d, p = _edit_config(tmp_path / "b", lambda c: c["lm"].__setitem__("num_layers", "2"))
+    with pytest.raises(CheckpointError) as e:
+        read_config(d)
+    assert str(e.value) == f"{p}: ursa_config.lm.num_layers must be an integer, got '2'"
+    d, p = _edit_config(tmp_path / "c", lambda c: c.__setitem__("value_head", "yes"))
+    with pytest.raises(CheckpointError, match=r"ursa_config.value_head must be true or false, got 'yes'"):
+        read_config(d)
+    d, p = _edit_config(tmp_path / "d", lambda c: c["vision"]["siglip"].__setitem__("image_mean", [0.5, "x", 0.5]))
+    with pytest.raises(CheckpointError, match=r"ursa_config.vision.siglip.image_mean must be a list of numbers"):
+        read_config(d)
+    d, p = _edit_config(tmp_path / "e", lambda c: c["lm"].__setitem__("hidden_size", 30))
+    with pytest.raises(CheckpointError) as e:
+        read_config(d)
+    assert str(e.value).startswith(f"{p}: ursa_config.lm: hidden_size 30 / num_heads 4")
+    # an integer where a float is expected is the same number
+    d, p = _edit_config(tmp_path / "f", lambda c: c["lm"].__setitem__("rope_theta", 10000))
+    cfg = read_config(d)
+    assert isinstance(cfg.lm.rope_theta, float) and cfg.lm.rope_theta == 10000.0
+
+
+def test_a_kill_during_the_folder_swap_is_recovered_on_load(tmp_path):
+    m = _model(8)
+    d = tmp_path / "ck"
+    save_model(m, d)
+    d.rename(tmp_path / "ck.old")                  # killed between "final -> old" and "tmp -> final"
+    (tmp_path / "ck.tmp").mkdir()
+    (tmp_path / "ck.tmp" / "config.json").write_text("{")                   # half-written new one
+    m2 = load_model(d)
+    assert d.is_dir() and not (tmp_path / "ck.old").exists() and not (tmp_path / "ck.tmp").exists()
+    for n, t in m.state_dict().items():
+        assert torch.equal(m2.state_dict()[n], t), n
+
+
+def test_fresh_value_head_is_seeded_and_leaves_the_global_rng_alone(tmp_path):
+    policy = _model(9)
+    save_model(policy, tmp_path / "sft")
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = load_model(tmp_path / "sft", value_head=True)
+    b = load_model(tmp_path / "sft", value_head=True)
+    assert torch.equal(torch.get_rng_state(), state)          # the load drew nothing from it
+    H = policy.cfg.lm.hidden_size
+    # by hand: Normal(0, 0.02) from a generator seeded with 0, bias 0
+    want = torch.randn((1, H), generator=torch.Generator().manual_seed(0)) * 0.02
+    assert VALUE_HEAD_STD == 0.02
+    for m in (a, b):
+        assert torch.equal(m.score.weight, want) and torch.equal(m.score.bias, torch.zeros(1))
+    w1, b1 = value_head_tensors(H, seed=1)
+    c = load_model(tmp_path / "sft", value_head=True, head_seed=1)
+    assert torch.equal(c.score.weight, w1) and not torch.equal(w1, want) and torch.equal(b1, torch.zeros(1))
+    for n, t in policy.state_dict().items():                  # the rest is the policy's
+        assert torch.equal(a.state_dict()[n], t), n
+    bf = load_model(tmp_path / "sft", dtype=torch.bfloat16, value_head=True)
+    assert torch.equal(bf.score.weight, want.bfloat16())
+    with pytest.raises(ValueError, match="no value head"):
+        init_value_head(policy)
+    with pytest.raises(CheckpointError, match="has a value head; load it with value_head=True"):
+        save_model(a, tmp_path / "prm")
+        load_model(tmp_path / "prm", value_head=False)
 
 
 def test_unknown_preset_and_config_field():

@@ -1,5 +1,6 @@
-"""Tests of ursa/prm.py: step tags (the released rule), label alignment, the BCE loss (Eq. 4),
-aggregation, best-of-N (Eq. 10), votes and the PRM metrics, against hand-computed values."""
+"""Tests of ursa/prm.py: step tags (rules "strict" and "released"), readout positions, label
+alignment, the BCE loss (Eq. 4), aggregation, best-of-N (Eq. 10), votes and the PRM metrics, against
+hand-computed values."""
 import itertools
 import math
 import random
@@ -10,8 +11,8 @@ import torch
 from ursa import prm
 from ursa.prm import (aggregate, auc, best_of_n, count_tags, first_error_hit, insert_tags, join_steps,
                       labels_at, majority_vote, positions_mask, prm_input, prm_loss, prm_user_text,
-                      prm_weighted_vote, score_responses, score_steps, split_steps, step_metrics,
-                      step_scores, tag_steps)
+                      prm_weighted_vote, released_input, released_user_text, response_input,
+                      score_responses, score_steps, split_steps, step_metrics, step_scores, tag_steps)
 from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 
 T = " и"
@@ -41,7 +42,7 @@ def test_split_variants():
     assert split_steps("†Answer: 4") == ([], "4")
 
 
-def test_insert_tags_released_rule_by_hand():
+def test_insert_tags_strict_rule_by_hand():
     # with †Answer: every step tagged right after its last non-space character, answer untagged
     assert insert_tags(SOL) == ("Step 1: There are 3 red circles. и\n\nStep 2: 3 * 5 = 15. и\n\n"
                                 "†Answer: 15")
@@ -60,6 +61,52 @@ def test_insert_tags_released_rule_by_hand():
     # preamble is part of step 1: no tag before the first header
     assert insert_tags("Look.\nStep 1: a.\nStep 2: b.\n†Answer: A") == \
         "Look.\nStep 1: a. и\nStep 2: b. и\n†Answer: A"
+
+
+# the three places where the released scorer's rule differs from "strict", by hand
+MENTIONS_Q = "Is Step 2 of the proof right?"
+MENTIONS_R = "Step 1: as in Step 3 later.\nStep 2: b.\n\n†Answer: 5"
+NO_HEADERS = "The sum is 4.\n\n†Answer: 4"
+CRLF = "Step 1: a.\r\nStep 2: b.\r\n\r\n†Answer: 2"
+HEAD = prm_user_text("", "")[:-len("Question:\n")]          # the instruction line
+
+
+def test_rules_differ_on_step_mentions_anywhere():
+    # strict: only line-start headers of the solution; the mention "Step 3" and the question's "Step 2" are text
+    assert insert_tags(MENTIONS_R) == "Step 1: as in Step 3 later. и\nStep 2: b. и\n\n†Answer: 5"
+    # released: the whole user text, every "Step k": after the question, inside step 1, then as usual
+    assert released_user_text(MENTIONS_Q, MENTIONS_R) == (
+        HEAD + "Question:Is Step 2 of the proof right? и\nStep 1: as in и Step 3 later. и\nStep 2: b. и\n\n"
+        "†Answer: 5")
+    assert released_user_text(MENTIONS_Q, MENTIONS_R) == insert_tags(prm_user_text(MENTIONS_Q, MENTIONS_R),
+                                                                     rule="released")
+
+
+def test_rules_differ_without_headers():
+    assert insert_tags(NO_HEADERS) == "The sum is 4. и\n\n†Answer: 4"               # before the answer
+    assert insert_tags(NO_HEADERS, rule="released") == NO_HEADERS + " и"           # after it, at the end
+    assert released_user_text("How much?", NO_HEADERS) == HEAD + "Question:How much?\n" + NO_HEADERS + " и"
+    assert insert_tags("", rule="released") == " и" and insert_tags("") == ""
+
+
+def test_rules_differ_on_carriage_returns():
+    # strict steps back over every whitespace character; released only over " " and "\n"
+    assert insert_tags(CRLF) == "Step 1: a. и\r\nStep 2: b. и\r\n\r\n†Answer: 2"
+    assert insert_tags(CRLF, rule="released") == "Step 1: a.\r и\nStep 2: b.\r\n\r и\n†Answer: 2"
+
+
+def test_released_rule_edge_cases_by_hand():
+    # no "†Answer:": no tag after the last match, as in strict
+    assert insert_tags("Step 1: a.\nStep 2: b.", rule="released") == "Step 1: a. и\nStep 2: b."
+    # only blanks after a header's first character: that step gets no tag
+    assert insert_tags("Step 1:\nStep 2: b.\n†Answer: 1", rule="released") == "Step 1:\nStep 2: b. и\n†Answer: 1"
+    # "Step 12" is one match; a tab counts as content
+    assert insert_tags("Step 12: a.\t\nStep 13: b.\n†Answer: 1", rule="released") == \
+        "Step 12: a.\t и\nStep 13: b. и\n†Answer: 1"
+    # canonical solutions: both rules put the same tags into the solution
+    assert released_user_text("How many?", SOL) == prm_user_text("How many?", insert_tags(SOL))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        insert_tags(SOL, " и")
 
 
 def test_tag_steps_tags_every_step_on_every_shape():
@@ -116,6 +163,25 @@ def test_prm_input_reads_only_the_solutions_tags_after_image_expansion(tok):
     assert pos0 == [i - 1 for i in tag_idx[1:]]                            # no placeholder at all
 
 
+def test_released_input_reads_every_tag_of_the_prompt(tok):
+    q = "Is this" + T + " right? Step 2 of it"
+    for rule, text, read in (
+            ("strict", Tokenizer.chat_prompt(prm_user_text(q, insert_tags(MENTIONS_R))), "solution"),
+            ("released", Tokenizer.chat_prompt(released_user_text(q, MENTIONS_R)), "all")):
+        plain = tok.encode(text)                                            # unexpanded, by hand
+        tags = [i for i, t in enumerate(plain) if t == tok.tag_id]
+        ids, pos = response_input(tok, q, MENTIONS_R, num_image_tokens=5, rule=rule)
+        assert ids == tok.expand_image(plain, 5)
+        if read == "all":
+            assert len(tags) == 5                  # the question's literal tag + 4 inserted by the rule
+            assert pos == [i + 4 for i in tags]
+            assert (ids, pos) == released_input(tok, q, MENTIONS_R, 5)
+        else:
+            assert len(tags) == 3 and pos == [i + 4 for i in tags[1:]]       # the question's is not read
+    with pytest.raises(ValueError, match="rule must be one of"):
+        response_input(tok, q, MENTIONS_R, 5, rule="official")
+
+
 def test_labels_at_and_truncation():
     lab, mask = labels_at([[1, 3, 5], [2, 6, 7], []], [[1, 1, 0], [0, 0, 0], []], T=6)
     assert mask.tolist() == [[0, 1, 0, 1, 0, 1], [0, 0, 1, 0, 0, 0], [0] * 6]
@@ -159,6 +225,25 @@ def test_score_steps_reads_the_tag_positions_in_input_order(tok):
     assert score_responses(m, tok, ["q"], ["no steps here"], None)[0] == pytest.approx(
         [1 / (1 + math.exp(-prm_input(tok, "q", insert_tags("no steps here"), 2, image=False)[1][0] / 10))])
     assert score_steps(m, tok, ["q"], ["nothing tagged"], None) == [[]]
+
+
+def test_score_responses_released_rule_reads_its_positions(tok):
+    m = _PositionModel()
+    qs, rs = [MENTIONS_Q, "How much?", "Q"], [MENTIONS_R, NO_HEADERS, "Step 1: a.\nStep 2: b."]
+    px = [torch.zeros(3, 4, 4), None, torch.zeros(3, 4, 4)]
+    got = score_responses(m, tok, qs, rs, px, batch_size=2, rule="released")
+    for q, r, x, g in zip(qs, rs, px, got):
+        text = Tokenizer.chat_prompt(released_user_text(q, r), image=x is not None)
+        ids = tok.expand_image(tok.encode(text), 2)
+        pos = [i for i, t in enumerate(ids) if t == tok.tag_id]
+        assert g == pytest.approx([1 / (1 + math.exp(-p / 10)) for p in pos])
+    assert [len(g) for g in got] == [4, 1, 1]
+    # the strict readout of the same responses is unchanged: 2, 1 and 1 tags of the solution only
+    assert [len(g) for g in score_responses(m, tok, qs, rs, px, rule="strict")] == [2, 1, 1]
+    with pytest.raises(ValueError, match="rule must be one of"):
+        score_responses(m, tok, qs, rs, px, rule="paper")
+    with pytest.raises(ValueError, match="2 questions but 3 solutions"):
+        score_responses(m, tok, qs[:2], rs, px, rule="released")
 
 
 # ---- loss ------------------------------------------------------------------------------------

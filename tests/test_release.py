@@ -1,9 +1,10 @@
-"""ursa/release.py: released-layout loading (strict, sharded, streaming, bf16), tokenizer ids, prompts,
-<|image|> expansion, URSA-RM-8B readout, best-of-N, benchmark generation, Qwen2 / SigLIP part loaders.
+"""ursa/release.py and ursa/benchmark_run.py: released-layout loading (strict, sharded, streaming, bf16,
+NaN / truncation refused), inspect, tokenizer ids, prompts, <|image|> expansion, URSA-RM-8B readout
+under both tag rules, best-of-N, benchmark generation (the Stage I part loaders: tests/test_parity.py).
 
-Nothing can be downloaded, so the checkpoints here are tiny random models in the EXACT released
-layout: the tiny-hybrid module tree (its names are the released names, PAPER.md / ursa8b_weights.tsv),
-a Hugging Face style config.json with the official fields, a tokenizer.json whose special tokens are
+The checkpoints here are tiny random models in the EXACT released layout: the tiny-hybrid module
+tree (its names are the released names, tests/fixtures/ursa8b_weights.tsv), a Hugging Face style
+config.json with the official fields, a tokenizer.json whose special tokens are
 added at the END of a BPE vocabulary as in Qwen2.5 (so <|image|> is the last id, like 151665), and
 safetensors shards with a model.safetensors.index.json.
 """
@@ -17,14 +18,14 @@ from PIL import Image
 from safetensors.torch import save_file
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from ursa import io
+from ursa.benchmark_run import best_of_n_with_prm, generation_prompt, run_benchmark
 from ursa.benchmarks import rescore
 from ursa.config import get_config
-from ursa.data import write_jsonl_atomic
 from ursa.generate import generate
 from ursa.model import URSAModel, init_weights
-from ursa.release import (best_of_n_with_prm, generation_prompt, load_qwen2_lm_into, load_released,
-                          load_siglip_into, prm_inputs, prm_prompt, prm_score, prm_score_batch,
-                          released_config, run_benchmark)
+from ursa.prm import aggregate, insert_tags, released_user_text, response_input, score_responses
+from ursa.release import inspect_released, load_released, released_config
 from ursa.tokenizer import Tokenizer
 from ursa.vision import preprocess
 from ursa.weights import INDEX_NAME, CheckpointError, save_state_dict
@@ -236,8 +237,9 @@ def test_rm_detected_by_score_weight(ckpts):
         torch.testing.assert_close(m(ids, px, values=True).values, ref(ids, px, values=True).values,
                                    rtol=0, atol=1e-6)
     policy, ptok = load_released(ckpts["policy"][0], dtype=torch.float32, preset="tiny-hybrid")
-    with pytest.raises(ValueError, match="no value head"):
-        prm_score(policy, ptok, None, "q", "Step 1: a.\n\n†Answer: 1")
+    for rule in ("strict", "released"):
+        with pytest.raises(ValueError, match="no value head"):
+            score_responses(policy, ptok, ["q"], ["Step 1: a.\n\n†Answer: 1"], rule=rule)
 
 
 def test_added_token_ids_are_found(ckpts):
@@ -315,57 +317,111 @@ def test_tokenizer_without_image_token_is_an_error(ckpts, tmp_path):
     assert str(d / "tokenizer.json") in msg and "<|image|>" in msg
 
 
+def test_nan_or_truncated_shard_is_an_error_naming_it(ckpts, tmp_path):
+    from safetensors.torch import load_file
+    d = copy(ckpts["policy"][0], tmp_path)
+    index = json.loads((d / INDEX_NAME).read_text())
+    name = "language_model.model.layers.1.mlp.up_proj.weight"
+    shard = d / index["weight_map"][name]
+    sd = load_file(str(shard))
+    sd[name][0, 0] = float("nan")
+    save_file(sd, str(shard), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError) as e:
+        load_released(d, dtype=torch.float32, preset="tiny-hybrid")
+    assert one_line(e) == f"{shard}: {name} has NaN/inf values"
+    shard.write_bytes(shard.read_bytes()[:-10])
+    with pytest.raises(CheckpointError) as e:
+        load_released(d, preset="tiny-hybrid")
+    assert one_line(e).startswith(f"{shard}: truncated or not a safetensors file (")
+
+
+def test_inspect_is_one_paragraph_with_kind_count_and_fallbacks(ckpts, tmp_path):
+    d, m, _ = ckpts["rm"]
+    text = inspect_released(d, preset="tiny-hybrid")
+    n_files = len(set(json.loads((d / INDEX_NAME).read_text())["weight_map"].values()))
+    assert "\n" not in text and text.startswith(f"{d}: prm (URSA-RM-8B layout")
+    assert f"{m.num_params():,} parameters in {n_files} safetensors file(s)" in text
+    assert text.endswith("No field fell back to the preset.")
+    d2 = copy(ckpts["policy"][0], tmp_path)
+    raw = json.loads((d2 / "config.json").read_text())
+    del raw["text_config"]["rope_theta"]
+    (d2 / "config.json").write_text(json.dumps(raw))
+    text = inspect_released(d2, preset="tiny-hybrid")
+    assert text.startswith(f"{d2}: policy (URSA-8B layout)")
+    assert text.endswith("Fallbacks to preset tiny-hybrid: text_config.rope_theta absent: preset tiny-hybrid "
+                         "value 10000.0.")
+
+
 # ---- prompts and the <|image|> expansion ------------------------------------------------------------
 
 def test_prompts_equal_the_paper_templates():
     rec = {"question": "What is x?", "image": "a.png", "choices": None}
     assert generation_prompt("mathvista", rec) == PAPER_SYSTEM + PAPER_GEN + "What is x?" + PAPER_END
-    text, start = prm_prompt("Find x.", "Step 1: a = 2.\n\nStep 2: x = 4.\n\n†Answer: 4")
+    resp = "Step 1: a = 2.\n\nStep 2: x = 4.\n\n†Answer: 4"
     tagged = "Step 1: a = 2. и\n\nStep 2: x = 4. и\n\n†Answer: 4"
-    assert text == PAPER_SYSTEM + PAPER_PRM + "Find x.\n" + tagged + PAPER_END
-    assert text[start:].startswith(tagged)
+    # the released scorer's user turn: PROMPT + question + "\n" + response, then its tag rule
+    assert Tokenizer.chat_prompt(released_user_text("Find x.", resp)) == \
+        PAPER_SYSTEM + PAPER_PRM + "Find x.\n" + tagged + PAPER_END
+    assert insert_tags(resp) == tagged                           # strict agrees on this canonical one
 
 
 def test_image_placeholder_expands_to_the_tower_token_count(ckpts):
     _, _, base = ckpts["policy"]
     tok = Tokenizer.from_file(ckpts["policy"][0] / "tokenizer.json")
     resp = "Step 1: a.\n\nStep 2: b.\n\n†Answer: 1"
-    plain = tok.encode(prm_prompt("Find и x", resp)[0])          # one <|image|>, unexpanded
+    plain = tok.encode(Tokenizer.chat_prompt(released_user_text("Find и x", resp)))   # one <|image|>
     k = plain.index(tok.image_id)
     tags = [i for i, t in enumerate(plain) if t == tok.tag_id]
     assert len(tags) == 3 and tags[0] > k                        # one in the question, two in the solution
     for cfg, n in ((tiny_cfg(base + 4, True), 16), (get_config("ursa-rm-8b"), 576)):
         assert cfg.vision.num_tokens == n
-        ids, pos = prm_inputs(tok, cfg, "Find и x", resp)
-        assert ids == plain[:k] + [tok.image_id] * n + plain[k + 1:]
-        assert pos == [t + n - 1 for t in tags[1:]]              # the question's tag is not read
+        for rule, read in (("released", tags), ("strict", tags[1:])):   # strict skips the question's tag
+            ids, pos = response_input(tok, "Find и x", resp, cfg.vision.num_tokens, rule=rule)
+            assert ids == plain[:k] + [tok.image_id] * n + plain[k + 1:]
+            assert pos == [t + n - 1 for t in read]
 
 
 # ---- URSA-RM-8B readout --------------------------------------------------------------------------------
+
+def _by_hand(rm, tok, img, text: str) -> list[float]:
+    """Independent readout: the literal prompt, tag positions searched by id, the score head on the
+    final hidden state."""
+    ids = []
+    for t in tok.encode(text):
+        ids += [t] * 16 if t == tok.image_id else [t]
+    pos = [i for i, t in enumerate(ids) if t == tok.tag_id]
+    with torch.no_grad():
+        h = rm(torch.tensor([ids]), preprocess(img, rm.cfg.vision)[None], logits=False).hidden[0]
+        return torch.sigmoid(h[pos] @ rm.score.weight[0] + rm.score.bias[0]).tolist()
+
 
 def test_prm_scores_are_read_at_the_tag_tokens(ckpts):
     rm, tok = load_released(ckpts["rm"][0], dtype=torch.float32, preset="tiny-hybrid")
     img = image(3)
     question, resp = "Find и x", "Step 1: There are 3 red circles.\n\nStep 2: 3 * 5 = 15.\n\n†Answer: 15"
-    scores, mn, mean = prm_score(rm, tok, img, question, resp)
-    # independent: the literal template, positions searched by id, score head on the final hidden state
+    px = preprocess(img, rm.cfg.vision)
     text = (PAPER_SYSTEM + PAPER_PRM + question + "\nStep 1: There are 3 red circles. и\n\n"
             "Step 2: 3 * 5 = 15. и\n\n†Answer: 15" + PAPER_END)
-    ids = []
-    for t in tok.encode(text):
-        ids += [t] * 16 if t == tok.image_id else [t]
-    pos = [i for i, t in enumerate(ids) if t == tok.tag_id][1:]
-    with torch.no_grad():
-        h = rm(torch.tensor([ids]), preprocess(img, rm.cfg.vision)[None], logits=False).hidden[0]
-        want = torch.sigmoid(h[pos] @ rm.score.weight[0] + rm.score.bias[0]).tolist()
-    assert len(scores) == 2
-    assert scores == pytest.approx(want, abs=1e-6)
-    assert mn == pytest.approx(min(want)) and mean == pytest.approx(sum(want) / 2)
+    want = _by_hand(rm, tok, img, text)                          # 3 tags: the question's first
+    released = score_responses(rm, tok, [question], [resp], [px], rule="released")[0]
+    strict = score_responses(rm, tok, [question], [resp], [px], rule="strict")[0]
+    assert len(want) == 3 and released == pytest.approx(want, abs=1e-6)
+    assert strict == pytest.approx(want[1:], abs=1e-6)
     # read AT the tags: text after the last tag (the answer) cannot change any score
-    assert prm_score(rm, tok, img, question, resp.replace("15\n\n†Answer: 15", "15\n\n†Answer: 99"))[0] == \
-        pytest.approx(scores, abs=1e-6)
-    # no tag (no †Answer, so the last step gets none) -> score 0
-    assert prm_score(rm, tok, img, question, "Step 1: There are 3 red circles.") == ([], 0.0, 0.0)
+    other = resp.replace("†Answer: 15", "†Answer: 99")
+    assert score_responses(rm, tok, [question], [other], [px], rule="released")[0] == pytest.approx(released, abs=1e-6)
+    # no "Step" at all: strict tags before the answer, released after it (the answer is then read)
+    plain = "It is 15.\n\n†Answer: 15"
+    r0 = score_responses(rm, tok, ["Q"], [plain], [px], rule="released")[0]
+    assert r0 == pytest.approx(_by_hand(rm, tok, img, PAPER_SYSTEM + PAPER_PRM + "Q\n" + plain + " и" + PAPER_END),
+                               abs=1e-6)
+    s0 = score_responses(rm, tok, ["Q"], [plain], [px], rule="strict")[0]
+    assert s0 == pytest.approx(_by_hand(rm, tok, img, PAPER_SYSTEM + PAPER_PRM + "Q\nIt is 15. и\n\n†Answer: 15"
+                                        + PAPER_END), abs=1e-6)
+    assert len(r0) == len(s0) == 1 and abs(r0[0] - s0[0]) > 1e-6
+    # steps but no †Answer: the last step gets no tag; one step only -> no tag -> aggregate 0
+    assert score_responses(rm, tok, ["Q"], ["Step 1: There are 3 red circles."], [px], rule="released") == [[]]
+    assert aggregate([], "mean") == 0.0
 
 
 def test_batched_prm_equals_one_by_one(ckpts):
@@ -373,11 +429,14 @@ def test_batched_prm_equals_one_by_one(ckpts):
     items = [(image(1), "Find x", "Step 1: 3 * 5 = 15.\n\n†Answer: 15"),
              (None, "What is the total value?", "Step 1: a.\n\nStep 2: b.\n\nStep 3: c.\n\n†Answer: 2"),
              (image(2), "Q", "Step 1: There are 3 red circles.\n\nStep 2: 3.\n\n†Answer: 3")]
-    batched = prm_score_batch(rm, tok, items, batch_size=3)
-    for (s, mn, mean), (img, q, r) in zip(batched, items):
-        s1, mn1, mean1 = prm_score(rm, tok, img, q, r)
-        assert s == pytest.approx(s1, abs=1e-5) and mn == pytest.approx(mn1, abs=1e-5)
-    assert [len(s) for s, _, _ in batched] == [1, 3, 2]
+    px = [None if im is None else preprocess(im, rm.cfg.vision) for im, _, _ in items]
+    qs, rs = [q for _, q, _ in items], [r for _, _, r in items]
+    for rule in ("released", "strict"):
+        batched = score_responses(rm, tok, qs, rs, px, batch_size=3, rule=rule)
+        for i in range(3):
+            alone = score_responses(rm, tok, qs[i:i + 1], rs[i:i + 1], px[i:i + 1], rule=rule)[0]
+            assert batched[i] == pytest.approx(alone, abs=1e-5)
+        assert [len(s) for s in batched] == [1, 3, 2]
 
 
 # ---- benchmarks: generation, best-of-N, rescore ---------------------------------------------------------
@@ -413,7 +472,7 @@ def test_run_benchmark_prompts_images_and_batching(ckpts, tmp_path):
     assert out[0]["response"] == tok.decode(g.row(0))
     sampled = run_benchmark(model, tok, recs, "mathvista", tmp_path, n=3, temperature=1.0, max_new_tokens=4)
     assert all(isinstance(o["response"], list) and len(o["response"]) == 3 for o in sampled)
-    write_jsonl_atomic(tmp_path / "resp.jsonl", out)
+    io.write_jsonl(tmp_path / "resp.jsonl", out)
     assert rescore(str(tmp_path / "resp.jsonl"), "mathvista")["n"] == 4
 
 
@@ -424,97 +483,22 @@ def test_best_of_n_picks_the_highest_mean_score(ckpts, tmp_path):
               "Step 1: b. \n\n†Answer: 3", "no steps at all"] for _ in recs]
     for r, c in zip(recs, cands):
         r["response"] = c
-    chosen = best_of_n_with_prm(rm, tok, recs, None, "mean", benchmark="mathvista", image_root=tmp_path)
-    for r, o in zip(recs, chosen):
-        img = tmp_path / r["image"] if r["image"] else None
-        q = r["question"]
-        means = [prm_score(rm, tok, img, q, c)[2] for c in r["response"]]
-        assert o["prm_aggregate"] == pytest.approx(means, abs=1e-5)
-        assert o["response"] == r["response"][max(range(4), key=lambda i: means[i])]
-        assert o["candidates"] == r["response"]
-    write_jsonl_atomic(tmp_path / "bon.jsonl", chosen)
-    assert rescore(str(tmp_path / "bon.jsonl"), "mathvista")["n"] == 4
-
-
-# ---- Stage I from public parts: Qwen2.5 (HF Qwen2ForCausalLM) and SigLIP (HF / timm) ------------------
-
-def test_load_qwen2_lm_into_is_strict_for_the_lm(ckpts, tmp_path):
-    src = ckpts["policy"][1]
-    hf = {n[len("language_model."):]: t.clone() for n, t in src.state_dict().items() if n.startswith("language_model.")}
-    hf["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(6)     # stale buffer: skipped
-    d = tmp_path / "qwen"
-    d.mkdir()
-    save_state_dict(hf, d, max_shard_bytes=40_000)
-    (d / "config.json").write_text(json.dumps({"model_type": "qwen2", "rope_theta": 10000.0, "rms_norm_eps": 1e-6}))
-    dst = random_model(src.cfg, 5)
-    vision_before = {n: t.clone() for n, t in dst.state_dict().items() if not n.startswith("language_model.")}
-    load_qwen2_lm_into(dst, d)
-    for n, t in dst.state_dict().items():
-        want = src.state_dict()[n] if n.startswith("language_model.") else vision_before[n]
-        assert torch.equal(t, want), n
-    (d / "config.json").write_text(json.dumps({"rope_theta": 1000000.0}))
-    with pytest.raises(CheckpointError, match=r"config.json: rope_theta 1000000.0 differs"):
-        load_qwen2_lm_into(dst, d)
-
-
-def _hf_siglip(tower) -> dict:
-    """A Hugging Face SiglipModel state dict built by hand from a timm-layout tower."""
-    sd, D, v = tower.state_dict(), tower.cfg.hidden_size, "vision_model."
-    hf = {v + "embeddings.patch_embedding.weight": sd["patch_embed.proj.weight"],
-          v + "embeddings.patch_embedding.bias": sd["patch_embed.proj.bias"],
-          v + "embeddings.position_embedding.weight": sd["pos_embed"][0],
-          v + "post_layernorm.weight": sd["norm.weight"], v + "post_layernorm.bias": sd["norm.bias"],
-          v + "head.probe": sd["attn_pool.latent"],
-          v + "head.attention.in_proj_weight": torch.cat([sd["attn_pool.q.weight"], sd["attn_pool.kv.weight"]]),
-          v + "head.attention.in_proj_bias": torch.cat([sd["attn_pool.q.bias"], sd["attn_pool.kv.bias"]]),
-          "text_model.embeddings.token_embedding.weight": torch.zeros(5, D), "logit_scale": torch.zeros(1),
-          "logit_bias": torch.zeros(1)}
-    for a, b in (("head.attention.out_proj", "attn_pool.proj"), ("head.layernorm", "attn_pool.norm"),
-                 ("head.mlp.fc1", "attn_pool.mlp.fc1"), ("head.mlp.fc2", "attn_pool.mlp.fc2")):
-        for w in ("weight", "bias"):
-            hf[f"{v}{a}.{w}"] = sd[f"{b}.{w}"]
-    for i in range(tower.cfg.num_layers):
-        s, b = f"{v}encoder.layers.{i}.", f"blocks.{i}."
-        for w in ("weight", "bias"):
-            q, k, vv = sd[b + f"attn.qkv.{w}"].chunk(3, dim=0)
-            hf[s + f"self_attn.q_proj.{w}"], hf[s + f"self_attn.k_proj.{w}"], hf[s + f"self_attn.v_proj.{w}"] = q, k, vv
-            for x, y in (("layer_norm1", "norm1"), ("layer_norm2", "norm2"), ("mlp.fc1", "mlp.fc1"),
-                         ("mlp.fc2", "mlp.fc2"), ("self_attn.out_proj", "attn.proj")):
-                hf[s + f"{x}.{w}"] = sd[b + f"{y}.{w}"]
-    return {n: t.clone().contiguous() for n, t in hf.items()}
-
-
-def test_load_siglip_into_from_hf_and_timm_layouts(ckpts, tmp_path):
-    src = ckpts["policy"][1]
-    tower = src.vision_model.vision_tower_low.vision_tower
-    P = "vision_model.vision_tower_low.vision_tower."
-    x = torch.rand(1, 3, 16, 16)
-    for layout in ("hf", "timm"):
-        d = tmp_path / layout
-        d.mkdir()
-        if layout == "hf":
-            sd = _hf_siglip(tower)
-        else:
-            sd = {"visual.trunk." + n: t.clone() for n, t in tower.state_dict().items()}
-            sd["text.token_embedding.weight"], sd["logit_scale"] = torch.zeros(5, 4), torch.zeros(1)
-        save_state_dict(sd, d, max_shard_bytes=30_000)
-        dst = random_model(src.cfg, 7)
-        lm_before = dst.language_model.model.embed_tokens.weight.clone()
-        load_siglip_into(dst, d)
-        for n, t in dst.state_dict().items():
-            if n.startswith(P):
-                assert torch.equal(t, src.state_dict()[n]), (layout, n)
-        assert torch.equal(dst.language_model.model.embed_tokens.weight, lm_before)
-        with torch.no_grad():
-            torch.testing.assert_close(dst.vision_model.vision_tower_low.vision_tower(x), tower(x), rtol=0, atol=0)
-    # strict: a vision tensor the tower lacks (and nothing else) is named
-    d = tmp_path / "bad"
-    d.mkdir()
-    sd = _hf_siglip(tower)
-    del sd["vision_model.head.probe"]
-    save_state_dict(sd, d)
-    with pytest.raises(CheckpointError, match=r"lacks 1 tensor\(s\): " + P + "attn_pool.latent"):
-        load_siglip_into(random_model(src.cfg, 8), d)
+    for rule in ("released", "strict"):
+        kw = {} if rule == "released" else {"rule": rule}          # released: the default
+        chosen = best_of_n_with_prm(rm, tok, recs, None, "mean", benchmark="mathvista", image_root=tmp_path, **kw)
+        for r, o in zip(recs, chosen):
+            px = preprocess(Image.open(tmp_path / r["image"]), rm.cfg.vision) if r["image"] else None
+            steps = score_responses(rm, tok, [r["question"]] * 4, r["response"], [px] * 4, rule=rule)
+            means = [sum(s) / len(s) if s else 0.0 for s in steps]
+            assert [len(x) for x in o["prm_step_scores"]] == [len(x) for x in steps]
+            assert sum(o["prm_step_scores"], []) == pytest.approx(sum(steps, []), abs=1e-5)
+            assert o["prm_aggregate"] == pytest.approx(means, abs=1e-5)
+            assert o["response"] == r["response"][max(range(4), key=lambda i: means[i])]
+            assert o["candidates"] == r["response"] and o["prm_tag_rule"] == rule and o["prm_how"] == "mean"
+        io.write_jsonl(tmp_path / f"bon_{rule}.jsonl", chosen)
+        assert rescore(str(tmp_path / f"bon_{rule}.jsonl"), "mathvista")["n"] == 4
+    with pytest.raises(ValueError, match="rule must be one of"):
+        best_of_n_with_prm(rm, tok, recs, benchmark="mathvista", image_root=tmp_path, rule="paper")
 
 
 def test_eval_cli_runs_a_released_model_with_prm_best_of_n(ckpts, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""FSDP2 scale-out: process group, sharded model, accumulation, clipping, checkpoints, memory plan.
+"""FSDP2 scale-out: process group, sharded model, accumulation, clipping, checkpoints.
 
 References: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, per-parameter DTensor sharding) and
 Distributed Checkpoint (`torch.distributed.checkpoint`); torchtitan for the order of operations
@@ -43,9 +43,9 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from ursa.config import ModelConfig
-from ursa.model import URSAModel, init_weights
-from ursa.weights import (_atomic_dir, _commit_dir, check_state_dict, file_shapes, safetensors_files,
-                          save_model, stream_tensors)
+from ursa.io import commit_dir, new_tmp_dir, recover_dir
+from ursa.model import URSAModel, init_weights, value_head_tensors
+from ursa.weights import check_plan, identity_plan, read_config, read_plan, save_model, weight_files
 
 
 # =============================================================================================
@@ -266,19 +266,18 @@ def _init_state_dict(cfg: ModelConfig, seed: int, std: float) -> dict:
 
 
 def _dir_state_dict(cfg: ModelConfig, model_dir, expected: dict, seed: int) -> dict:
-    """A model directory's tensors (strictly checked against `expected`: name -> shape). A config
-    with value_head=True over a directory without `score.*` gets a fresh head: weight N(0, 0.02)
-    from a generator seeded with `seed`, bias 0 (the PRM built on the SFT policy)."""
-    files = safetensors_files(Path(model_dir))
-    shapes = file_shapes(files)
-    fresh_head = cfg.value_head and "score.weight" not in shapes
+    """A model directory's tensors (strictly checked against `expected`: name -> shape; a NaN / inf
+    tensor refused by name). A config with value_head=True over a directory without `score.*` gets
+    the fresh head of ursa.model.init_value_head with `seed` (the PRM built on the SFT policy: the
+    same values as ursa.weights.load_model(value_head=True, head_seed=seed) in one process)."""
+    files = weight_files(model_dir)
+    fresh_head = cfg.value_head and "score.weight" not in files
     want = {n: s for n, s in expected.items() if not (fresh_head and n.startswith("score."))}
-    check_state_dict(want, shapes, str(model_dir))
-    sd = dict(stream_tensors(files))
+    plan = identity_plan(files)
+    check_plan(want, files, plan, set(), str(model_dir))
+    sd = read_plan(files, plan)
     if fresh_head:
-        g = torch.Generator().manual_seed(seed)
-        sd["score.weight"] = torch.randn(expected["score.weight"], generator=g) * 0.02
-        sd["score.bias"] = torch.zeros(expected["score.bias"])
+        sd["score.weight"], sd["score.bias"] = value_head_tensors(cfg.lm.hidden_size, seed)
     return sd
 
 
@@ -324,14 +323,15 @@ def build_fsdp_model(cfg: Optional[ModelConfig] = None, model_dir=None, mixed_pr
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from ursa.weights import read_config
 
     if not dist.is_initialized():
         raise RuntimeError("build_fsdp_model: call ursa.dist.setup() first (torchrun or 1 process)")
     if cfg is None and model_dir is None:
         raise ValueError("build_fsdp_model: give a config, a model directory, or both")
+    if model_dir is not None:                  # finish an interrupted folder swap, once, on rank 0
+        _on_rank0(lambda: recover_dir(model_dir))
     if cfg is None:
-        cfg = read_config(model_dir)
+        cfg = read_config(model_dir, recover=False)
     cfg.validate()
     device = device or _comm_device()
     with torch.device("meta"):
@@ -423,7 +423,7 @@ def save_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer, state
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
     ckpt_dir = Path(ckpt_dir)
-    tmp = _on_rank0(lambda: _atomic_dir(ckpt_dir))
+    tmp = _on_rank0(lambda: new_tmp_dir(ckpt_dir))
     tmp = ckpt_dir.with_name(ckpt_dir.name + ".tmp") if tmp is None else tmp
     msd, osd = get_state_dict(model, optim)
     dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp))
@@ -436,7 +436,7 @@ def save_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer, state
     if _rank() == 0:
         (tmp / STATE_NAME).write_text(json.dumps({"world_size": _world(), "state": plain}, indent=1))
     barrier()
-    _on_rank0(lambda: _commit_dir(tmp, ckpt_dir))
+    _on_rank0(lambda: commit_dir(tmp, ckpt_dir))
 
 
 def load_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
@@ -468,158 +468,3 @@ def load_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer) -> di
         print(f"[dist] {ckpt_dir}: saved with {meta['world_size']} ranks, running {_world()}: "
               f"model and optimizer resharded, RNG states not restored", flush=True)
     return state
-
-
-# =============================================================================================
-# Memory plan
-# =============================================================================================
-
-GIB = 2**30
-
-
-def _param_groups(cfg: ModelConfig) -> dict:
-    """Parameter counts: total, per part, the largest LM / vision block, the root group."""
-    with torch.device("meta"):
-        m = URSAModel(cfg)
-    n = lambda mod: sum(p.numel() for p in mod.parameters())          # noqa: E731
-    lm_blocks = [n(b) for b in m.language_model.model.layers]
-    vis_blocks = [n(b) for b in m.vision_model.blocks()]
-    total = n(m)
-    return {"total": total, "vision": n(m.vision_model), "aligner": n(m.aligner),
-            "language_model": n(m.language_model), "score": n(m.score) if cfg.value_head else 0,
-            "lm_block": max(lm_blocks), "vision_block": max(vis_blocks) if vis_blocks else 0,
-            "root": total - sum(lm_blocks) - sum(vis_blocks),
-            "root_trainable_llm": n(m.language_model) - sum(lm_blocks) + (n(m.score) if cfg.value_head else 0)}
-
-
-TRAINABLE = ("all", "llm", "projector")
-
-
-def memory_plan(cfg: ModelConfig, gpus: int, micro_batch: int, seq_len: int, trainable: str = "all",
-                mixed_precision: bool = True, activation_checkpointing: bool = True,
-                grad_accum: int = 1, no_sync: bool = True, frozen_copies: int = 0,
-                images_per_row: int = 1, logits: bool = True, gen_rows: int = 0,
-                gpu_gib: float = 79.6, overhead_gib: float = 1.5) -> dict:
-    """Per-GPU memory (bytes) of FSDP2 training with build_fsdp_model, by term. N = gpus, P = all
-    parameters, Pt = trainable ones, B = micro_batch, T = seq_len, H / I / L / V = LM hidden /
-    intermediate / layers / vocab, Hkv x hd = the KV width; activations in bf16 (2 bytes) under
-    mixed precision (4 in fp32).
-
-    peak = static + max(training step, rollout phase)
-
-    Static, sharded (FSDP2 with MixedPrecisionPolicy keeps NO separate bf16 copy: the fp32 shards
-    ARE the master weights):
-        params 4 P / N  +  grads 4 Pt / N  +  AdamW m and v 8 Pt / N        (= 16 P / N when Pt = P)
-        + 4 P / N per extra frozen copy (GRPO: reference policy, PRM), as build_fsdp_model keeps them
-        + overhead_gib for the CUDA context, NCCL buffers and the allocator's own use.
-    Training step, unsharded and transient:
-        root group (embeddings, lm_head, final norm, vision stems/necks, projector, value head),
-            gathered for the whole forward + backward:                       2 P_root
-        the running block + the prefetched next one:                          2 x 2 P_block
-        gradients: no_sync accumulation over grad_accum > 1 micro-batches keeps EVERY parameter's
-            unsharded gradient in fp32 (FSDP2 upcasts to reduce_dtype) until the last one: 4 Pt;
-            otherwise the root's and one block's bf16 grad + fp32 reduce copy: 6 (P_root + P_block)
-        activations with checkpointing (only block inputs are kept; one block at a time is recomputed
-        in backward):
-          LM:     L x 2 B T H  (layer-boundary hidden states)
-                + B T (26 H + 8 I)   (one layer's full activations: two RMSNorms 6H each (fp32 x and
-                  bf16 out), q/k/v/o inputs 4H, SDPA q, expanded k, v and out 8H, MLP gate, up, act,
-                  product 8I; attention by a memory-efficient kernel, O(T))
-                + 3 B T^2 (the boolean [T, T] padding mask and its bf16 bias)
-          without checkpointing: L x B T (26 H + 8 I) + the mask.
-          loss:   14 B T V (bf16 logits 2 + fp32 log-softmax kept 4 + fp32/bf16 gradients 8 in backward)
-          vision (only when it trains, trainable = "all"), per image (B x images_per_row):
-                SAM: L_sam x 2 G^2 D + one global block G^2 (26 D + 8 I) + 8 h G^4 (the dense rel-pos
-                bias: fp32, its bf16 copy and its gradient); SigLIP: L_sig x 2 P D + P (26 D + 8 I).
-    Rollout phase (GRPO, gen_rows > 0 sequences decoded at once up to T tokens; see replicate()):
-        unsharded bf16 replica 2 P  +  KV cache gen_rows x T x L x 2 (k, v) x Hkv x hd x 2 bytes
-        + logits of one decode step 4 gen_rows V.
-    The verdict: "fits" when the peak is under 90% of gpu_gib (fragmentation headroom), "tight" under
-    100%, else "does not fit". Estimates, not measurements: check torch.cuda.max_memory_allocated()
-    on the first steps."""
-    if trainable not in TRAINABLE:
-        raise ValueError(f"trainable must be one of {', '.join(TRAINABLE)}, got {trainable!r}")
-    if gpus < 1 or micro_batch < 1 or seq_len < 1 or grad_accum < 1:
-        raise ValueError(f"gpus {gpus}, micro_batch {micro_batch}, seq_len {seq_len}, grad_accum "
-                         f"{grad_accum} must be >= 1")
-    g = _param_groups(cfg)
-    N, B, T = gpus, micro_batch, seq_len
-    lm = cfg.lm
-    H, I, L, V = lm.hidden_size, lm.intermediate_size, lm.num_layers, lm.vocab_size
-    P = g["total"]
-    Pt = {"all": P, "llm": g["language_model"] + g["score"], "projector": g["aligner"]}[trainable]
-    pb = 2 if mixed_precision else 4                     # bytes of an unsharded parameter / activation
-    blk = max(g["lm_block"], g["vision_block"])
-    st, tr, ro = {}, {}, {}
-    st["sharded params (fp32)"] = 4 * P / N
-    st["sharded grads (fp32)"] = 4 * Pt / N
-    st["AdamW m, v (fp32)"] = 8 * Pt / N
-    if frozen_copies:
-        st[f"{frozen_copies} frozen copies (fp32 shards)"] = frozen_copies * 4 * P / N
-    st["CUDA context, NCCL, allocator"] = overhead_gib * GIB
-    tr["root group, unsharded"] = pb * g["root"]
-    tr["2 blocks in flight, unsharded"] = 2 * pb * blk
-    if no_sync and grad_accum > 1:
-        tr["no_sync unsharded grads (fp32)"] = 4 * Pt
-    else:
-        tr["grads in flight (root + block)"] = (pb + 4) * (g["root"] + blk)
-    block_full = pb / 2 * B * T * (26 * H + 8 * I)
-    if activation_checkpointing:
-        tr["LM activations"] = L * pb * B * T * H + block_full + 3 * B * T * T
-    else:
-        tr["LM activations"] = L * block_full + 3 * B * T * T
-    if logits:
-        tr["logits + loss"] = 14 * B * T * V
-    if trainable == "all":
-        v, vis = cfg.vision, 0.0
-        s = v.siglip
-        Ps, Ds = s.num_patches, s.hidden_size
-        sig_full = pb / 2 * Ps * (26 * Ds + 8 * s.intermediate_size)
-        vis += (s.num_layers * pb * Ps * Ds + sig_full) if activation_checkpointing else s.num_layers * sig_full
-        if v.kind == "hybrid":
-            sm = v.sam
-            G2, D = sm.grid ** 2, sm.hidden_size
-            sam_full = pb / 2 * G2 * (26 * D + 8 * sm.intermediate_size) + 8 * sm.num_heads * G2 * G2
-            vis += (sm.num_layers * pb * G2 * D + sam_full) if activation_checkpointing \
-                else sm.num_layers * sam_full
-        tr["vision activations"] = B * images_per_row * vis
-    if gen_rows:
-        ro["bf16 replica for generation"] = 2 * P
-        ro["KV cache"] = gen_rows * T * L * 2 * lm.num_kv_heads * lm.head_dim * 2
-        ro["decode-step logits"] = 4 * gen_rows * V
-    static, train, roll = sum(st.values()), sum(tr.values()), sum(ro.values())
-    total = static + max(train, roll)
-    verdict = "fits" if total <= 0.9 * gpu_gib * GIB else ("tight" if total <= gpu_gib * GIB else "does not fit")
-    return {"preset": cfg.name, "gpus": N, "micro_batch": B, "seq_len": T, "trainable": trainable,
-            "mixed_precision": mixed_precision, "activation_checkpointing": activation_checkpointing,
-            "grad_accum": grad_accum, "no_sync": no_sync, "gen_rows": gen_rows, "params": P,
-            "trainable_params": Pt, "lm_block_params": g["lm_block"],
-            "vision_block_params": g["vision_block"], "root_params": g["root"],
-            "static": st, "train": tr, "rollout": ro, "static_total": static, "train_total": train,
-            "rollout_total": roll, "total": total, "gpu_gib": gpu_gib, "verdict": verdict}
-
-
-def format_memory_plan(plan: dict) -> str:
-    """The plan as a table in GiB, with the peak and the verdict."""
-    lines = [f"FSDP2 memory plan per GPU: {plan['preset']} on {plan['gpus']} GPU(s), micro-batch "
-             f"{plan['micro_batch']} x {plan['seq_len']} tokens, trainable {plan['trainable']} "
-             f"({plan['trainable_params']:,} of {plan['params']:,} parameters),",
-             f"  {'bf16 mixed precision' if plan['mixed_precision'] else 'fp32'}, activation "
-             f"checkpointing {'on' if plan['activation_checkpointing'] else 'off'}, "
-             f"{plan['grad_accum']} micro-batch(es) per step per GPU "
-             f"({'no_sync accumulation' if plan['no_sync'] else 'reduce-scatter every micro-batch'})",
-             f"  largest LM block {plan['lm_block_params']:,}, vision block "
-             f"{plan['vision_block_params']:,}, root group {plan['root_params']:,} parameters"]
-    sections = [("static", plan["static"], plan["static_total"]),
-                ("training step", plan["train"], plan["train_total"])]
-    if plan["rollout"]:
-        sections.append((f"rollout phase ({plan['gen_rows']} rows)", plan["rollout"], plan["rollout_total"]))
-    for title, terms, tot in sections:
-        lines.append(f"  {title}:")
-        for k, v in terms.items():
-            lines.append(f"    {k:<34} {v / GIB:8.2f} GiB")
-        lines.append(f"    {'subtotal':<34} {tot / GIB:8.2f} GiB")
-    lines.append(f"  peak = static + max(training{', rollout' if plan['rollout'] else ''})"
-                 f" = {plan['total'] / GIB:.2f} GiB of {plan['gpu_gib']:.1f} GiB: {plan['verdict']}"
-                 + (" (under 10% headroom)" if plan["verdict"] == "tight" else ""))
-    return "\n".join(lines)

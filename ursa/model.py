@@ -130,3 +130,28 @@ def init_weights(model: URSAModel, std: float = 0.02, seed: Optional[int] = None
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
+
+
+# The fresh PRM head (Stage II starts from the SFT policy, which has none): Normal(0, 0.02) is the
+# std init_weights gives every Linear (Qwen2's initializer_range), so the head's logits start near 0
+# and every step score near 0.5; a zero bias adds no prior toward "correct" or "wrong".
+VALUE_HEAD_STD = 0.02
+
+
+def value_head_tensors(hidden_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(score.weight [1, hidden_size] ~ Normal(0, VALUE_HEAD_STD), score.bias [1] = 0), fp32 on CPU,
+    drawn from a torch.Generator seeded with `seed`: the same values on every call, on every
+    machine and device, and the global RNG is never touched."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((1, hidden_size), generator=g) * VALUE_HEAD_STD, torch.zeros(1)
+
+
+def init_value_head(model: URSAModel, seed: int = 0) -> URSAModel:
+    """Set model.score to value_head_tensors(hidden, seed) (cast to the head's dtype and device)."""
+    if not model.cfg.value_head:
+        raise ValueError("init_value_head: this model has no value head (config value_head = false)")
+    w, b = value_head_tensors(model.cfg.lm.hidden_size, seed)
+    with torch.no_grad():
+        model.score.weight.copy_(w)
+        model.score.bias.copy_(b)
+    return model

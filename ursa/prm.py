@@ -1,39 +1,60 @@
 """The process reward model's math: step tags, the PRM loss, step scores, aggregation, best-of-N.
 
-References (PAPER.md):
-- Stage II: the PRM reads a scalar value head at step-tag positions; the step score is the sigmoid of
-  that logit; training is binary cross-entropy over the tagged steps (Eq. 4).
-- "PRM readout detail": the released scorer's tag rule (`insert_tags` here), score 0 for no tag.
-- Test time: best-of-N = argmax_i of the aggregate (mean; min is also reported) of solution i's step
-  scores (Eq. 10); self-consistency (majority vote) is the baseline; a PRM-weighted vote is a common
-  extension.
+References:
+- The URSA paper (Luo, Zheng et al., "Unlocking Multimodal Mathematical Reasoning via Process Reward
+  Model", arXiv 2501.04686), Stage II: the PRM reads a scalar value head at step-tag positions; the
+  step score is the sigmoid of that logit; training is binary cross-entropy over the tagged steps
+  (Eq. 4). Test time: best-of-N = argmax_i of the aggregate (mean; min is also reported) of
+  solution i's step scores (Eq. 10); self-consistency (majority vote) is the baseline.
+- URSA-MATH/URSA-MATH, inference/prm_infer_score.py: the released URSA-RM-8B scorer (tag rule
+  "released" below; a response without a tag scores 0).
 - Math-Shepherd (Wang et al. 2023) for the "step tag" idea and the step-level PRM metrics.
 
 Solutions look like
 
     Step 1: There are 3 red circles.\n\nStep 2: 3 * 5 = 15.\n\n†Answer: 15
 
-A step header is "Step <digits>" at the start of a line; everything before the first "†Answer:" is the
-body (the steps), everything after it is the answer. The step tag is " и" (space + U+0438); the
-tokenizer maps it to one token id, and the code below only sees that id.
+The step tag is " и" (space + U+0438); the tokenizer maps it to one token id, and the readout only
+sees that id. The PRM's user turn is PRM_INSTRUCTION + "\nQuestion:" + question + "\n" + solution.
 
-Two ways to place tags:
-- `insert_tags` (test time, the released scorer's rule): a tag right after the last non-space
-  character of each step, i.e. before every following "Step k" header and before "†Answer:". The
-  answer line carries no tag, and when there is no "†Answer:" the LAST STEP GETS NO TAG (the response
-  was probably cut off). Without any "Step" header the whole body is one step with one tag at its end.
-- `tag_steps` (training inputs from DualMath records): tags EVERY given step, so each label has its
-  tag even when the record has no answer line. With an answer the two agree on canonical solutions.
-Deviation from the released scorer: it matches "Step k" anywhere in the text (and tags the whole
-user instruction); here a header must start a line and only the solution is tagged, so a mention
-such as "as in Step 2" inside a step does not split it. On canonical solutions the two are identical.
+Two tag rules, both offered by insert_tags(text, rule) and score_responses(..., rule):
+
+- "strict" (this project's; the toy PRM trains and is read with it; the default). A step header is
+  "Step <digits>" at the START of a line; everything before the first "†Answer:" is the body. Only
+  the solution is tagged, and only the solution's tags are read. A tag goes right after the last
+  non-whitespace character of each step (before each following header and before "†Answer:"); the
+  answer line carries none; without "†Answer:" the last step gets none (the response was probably
+  cut off); without any header the whole body is one step, tagged at its end (before "†Answer:").
+
+      insert_tags("Step 1: a. See Step 3.\r\nStep 2: b.\n\n†Answer: 4")
+      == "Step 1: a. See Step 3. и\r\nStep 2: b. и\n\n†Answer: 4"
+
+- "released" (URSA-RM-8B's authors' scorer, what the released RM was trained and evaluated with).
+  It is applied to the WHOLE user text (instruction, question and response) and EVERY tag token of
+  the prompt is read. Every "Step <digits>" anywhere counts (in the question, mid-line mentions).
+  Before each match but the first, scanning back from the match, a tag goes after the first
+  character that is neither a space nor "\n" ("\r" and tabs count as content); the scan stops
+  before the character right after the previous match, and finding nothing means no tag. One more
+  tag goes the same way before "†Answer:" (scanning back to the last match; none without
+  "†Answer:"). With no "Step <digits>" at all, one tag is appended at the very end, after the answer.
+
+      insert_tags("Q: Is Step 3 right?\nStep 1: a.\r\nStep 2: b.\n\n†Answer: 4", rule="released")
+      == "Q: Is Step 3 right? и\nStep 1: a.\r и\nStep 2: b. и\n\n†Answer: 4"
+      insert_tags("It is 4.\n\n†Answer: 4", rule="released") == "It is 4.\n\n†Answer: 4 и"
+
+  On canonical solutions (headers at line starts, no "Step k" in the question, "\n" line ends, an
+  answer line) the two rules place the same tags in the solution.
+
+`tag_steps` (training inputs from DualMath records) tags EVERY given step, so each label has its tag
+even when the record has no answer line; with an answer it agrees with insert_tags on canonical
+solutions.
 """
 from __future__ import annotations
 
 import math
 import re
 from collections import Counter
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -98,27 +119,72 @@ def _end_of_content(text: str, pos: int) -> int:
     return j
 
 
-def insert_tags(text: str, tag: str = STEP_TAG) -> str:
-    """The released scorer's tag rule (PAPER.md, "PRM readout detail"); see the module docstring.
+def _insert_at(text: str, points: Sequence[int], tag: str) -> str:
+    """text with `tag` inserted at each offset of `points` (ascending, distinct)."""
+    out, prev = [], 0
+    for p in points:
+        out += [text[prev:p], tag]
+        prev = p
+    out.append(text[prev:])
+    return "".join(out)
 
-    A tag goes right after the last non-space character before every "Step k" header except the
-    first, and before "†Answer:"; the answer line gets none; without "†Answer:" the last step gets
-    none. No header: one tag at the end of the body (before "†Answer:", or at the end of the text).
-    A blank body gets no tag.
-    """
+
+def _strict_tags(text: str, tag: str) -> str:
+    """Rule "strict" (module docstring): tags inside the solution only, headers at line starts."""
     body, answer = _split_body(text)
     starts = _step_starts(body)
     points = [_end_of_content(body, s) for s in starts[1:]]
     end = _end_of_content(body, len(body))
     if end > 0 and (answer is not None or not starts):
         points.append(end)
-    out, prev = [], 0
-    for p in points:
-        out += [body[prev:p], tag]
-        prev = p
-    out.append(body[prev:])
-    tagged = "".join(out)
+    tagged = _insert_at(body, points, tag)
     return tagged if answer is None else tagged + ANSWER_MARK + answer
+
+
+RELEASED_STEP = re.compile(r"Step \d+")   # the released scorer's pattern: anywhere, any context
+RELEASED_BLANK = " \n"                    # the only characters it steps back over ("\r" is content)
+
+
+def _released_point(text: str, pos: int, floor: int) -> Optional[int]:
+    """Just after the last character of text[floor + 1:pos] that is not in RELEASED_BLANK; None if
+    there is none (pos <= floor + 1 included: e.g. pos = -1 for a missing "†Answer:")."""
+    j = pos - 1
+    while j > floor:
+        if text[j] not in RELEASED_BLANK:
+            return j + 1
+        j -= 1
+    return None
+
+
+def _released_tags(text: str, tag: str) -> str:
+    """Rule "released" (module docstring), as URSA-MATH/URSA-MATH inference/prm_infer_score.py
+    places its tags: scan back from each "Step k" match but the first to just after the previous
+    match, and from "†Answer:" to just after the last match; no match: append the tag at the end."""
+    spans = [(m.start(), m.end()) for m in RELEASED_STEP.finditer(text)]
+    if not spans:
+        return text + tag
+    points = [_released_point(text, start, prev_end) for (_, prev_end), (start, _) in zip(spans, spans[1:])]
+    points.append(_released_point(text, text.find(ANSWER_MARK), spans[-1][1]))
+    return _insert_at(text, [p for p in points if p is not None], tag)
+
+
+TAG_RULES = ("strict", "released")
+
+
+def insert_tags(text: str, rule: str = "strict", *, tag: str = STEP_TAG) -> str:
+    """Insert step tags into `text` by `rule` (module docstring, with an example of each):
+
+    "strict": `text` is a solution; a tag after the last non-whitespace character before every
+    line-start "Step k" header but the first, and before "†Answer:"; the answer line gets none;
+    without "†Answer:" the last step gets none; no header: one tag at the end of the body; a blank
+    body: none.
+    "released": `text` is the whole user text (see released_user_text); the released scorer's rule.
+    """
+    if rule == "strict":
+        return _strict_tags(text, tag)
+    if rule == "released":
+        return _released_tags(text, tag)
+    raise ValueError(f"insert_tags: rule must be one of {TAG_RULES}, got {rule!r}")
 
 
 def tag_steps(steps: Sequence[str], answer: Optional[str], tag: str = STEP_TAG) -> str:
@@ -145,6 +211,12 @@ def prm_user_text(question: str, tagged_solution: str) -> str:
     return f"{PRM_INSTRUCTION}\nQuestion:{question}\n{tagged_solution}"
 
 
+def released_user_text(question: str, response: str) -> str:
+    """The user turn URSA-RM-8B's scorer builds: prm_user_text(question, response) tagged as a whole
+    by rule "released" (its question's "Step k" mentions included)."""
+    return insert_tags(prm_user_text(question, response), rule="released")
+
+
 # ---- token level: the PRM's input and where it is read ----------------------------------------
 
 def prm_input(tok: Tokenizer, question: str, tagged_solution: str, num_image_tokens: int,
@@ -167,6 +239,31 @@ def prm_input(tok: Tokenizer, question: str, tagged_solution: str, num_image_tok
             positions.append(len(ids))
         ids.extend([t] * num_image_tokens if t == tok.image_id else [t])
     return ids, positions
+
+
+def released_input(tok: Tokenizer, question: str, response: str, num_image_tokens: int,
+                   image: bool = True) -> tuple[list[int], list[int]]:
+    """Like prm_input, for rule "released": the user turn is `<|image|>` + released_user_text
+    (question, response), and EVERY step-tag token of the prompt is read, the question's too (as
+    the released scorer reads `input_ids == tag_id` over its whole input)."""
+    text = Tokenizer.chat_prompt(released_user_text(question, response), image)
+    ids, positions = [], []
+    for t in tok.tok.encode(text, add_special_tokens=False).ids:
+        if t == tok.tag_id:
+            positions.append(len(ids))
+        ids.extend([t] * num_image_tokens if t == tok.image_id else [t])
+    return ids, positions
+
+
+def response_input(tok: Tokenizer, question: str, response: str, num_image_tokens: int,
+                   image: bool = True, rule: str = "strict") -> tuple[list[int], list[int]]:
+    """(ids, readout positions) of a raw response under tag rule `rule`: "strict" is
+    prm_input(tok, question, insert_tags(response), ...), "released" is released_input."""
+    if rule == "strict":
+        return prm_input(tok, question, insert_tags(response), num_image_tokens, image)
+    if rule == "released":
+        return released_input(tok, question, response, num_image_tokens, image)
+    raise ValueError(f"response_input: rule must be one of {TAG_RULES}, got {rule!r}")
 
 
 def positions_mask(positions: Sequence[Sequence[int]], T: int) -> torch.Tensor:
@@ -242,28 +339,31 @@ def step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[list
 
 # ---- THE step-score readout (toy GRPO reward, evaluation, the released URSA-RM-8B) -------------
 
-@torch.no_grad()
-def score_steps(model, tok: Tokenizer, questions: Sequence[str], tagged: Sequence[str],
-                pixels=None, batch_size: int = 64) -> list[list[float]]:
-    """Step scores of tagged solutions: for each, sigmoid(value head) at its solution's tags.
-
-    questions / tagged: one per solution (tagged by insert_tags or tag_steps); pixels: None (no
-    images), a tensor [n, 3, S, S] in [0, 1], or a list of [3, S, S] tensors or None (a text-only
-    item gets no <|image|>). Rows are sorted by length into batches (less padding), right-padded
-    and masked, so each row computes what it computes alone. A solution with no tag scores []."""
+def _batch_inputs(model, questions: Sequence[str], texts: Sequence[str], pixels, who: str) -> list:
+    """Checks shared by score_steps and score_responses; returns the per-row images (or Nones)."""
     if not model.cfg.value_head:
-        raise ValueError("score_steps: this model has no value head (`score`)")
-    n = len(tagged)
+        raise ValueError(f"{who}: this model has no value head (`score`)")
+    n = len(texts)
     if len(questions) != n:
-        raise ValueError(f"score_steps: {len(questions)} questions but {n} solutions")
+        raise ValueError(f"{who}: {len(questions)} questions but {n} solutions")
     px = [None] * n if pixels is None else list(pixels)
     if len(px) != n:
-        raise ValueError(f"score_steps: {len(px)} images but {n} solutions")
+        raise ValueError(f"{who}: {len(px)} images but {n} solutions")
+    return px
+
+
+@torch.no_grad()
+def score_encoded(model, tok: Tokenizer, enc: Sequence[tuple], px: Sequence, batch_size: int = 64
+                  ) -> list[list[float]]:
+    """sigmoid(value head) at each row's readout positions. enc: per row (ids, positions) as
+    prm_input / response_input give them; px: per row a [3, S, S] image or None (a row's ids hold
+    <|image|> positions exactly when it has one). Rows are sorted by length into batches (less
+    padding), right-padded and masked, so each row computes what it computes alone; the model is
+    put in eval mode for the call and its mode restored."""
+    n = len(enc)
     was_training = model.training
     model.eval()
     p0 = next(model.parameters())
-    enc = [prm_input(tok, q, t, model.cfg.vision.num_tokens, image=x is not None)
-           for q, t, x in zip(questions, tagged, px)]
     order = sorted(range(n), key=lambda i: -len(enc[i][0]))
     out: list = [None] * n
     for s in range(0, n, batch_size):
@@ -284,10 +384,35 @@ def score_steps(model, tok: Tokenizer, questions: Sequence[str], tagged: Sequenc
     return out
 
 
+def score_steps(model, tok: Tokenizer, questions: Sequence[str], tagged: Sequence[str],
+                pixels=None, batch_size: int = 64) -> list[list[float]]:
+    """Step scores of tagged solutions: for each, sigmoid(value head) at its solution's tags
+    (prm_input; rule "strict" readout).
+
+    questions / tagged: one per solution (tagged by insert_tags or tag_steps); pixels: None (no
+    images), a tensor [n, 3, S, S] in [0, 1], or a list of [3, S, S] tensors or None (a text-only
+    item gets no <|image|>). A solution with no tag scores []. See score_encoded for batching."""
+    px = _batch_inputs(model, questions, tagged, pixels, "score_steps")
+    enc = [prm_input(tok, q, t, model.cfg.vision.num_tokens, image=x is not None)
+           for q, t, x in zip(questions, tagged, px)]
+    return score_encoded(model, tok, enc, px, batch_size)
+
+
 def score_responses(model, tok: Tokenizer, questions: Sequence[str], responses: Sequence[str],
-                    pixels=None, batch_size: int = 64) -> list[list[float]]:
-    """score_steps of raw responses, tagged by insert_tags (the test-time rule)."""
-    return score_steps(model, tok, questions, [insert_tags(r) for r in responses], pixels, batch_size)
+                    pixels=None, batch_size: int = 64, rule: str = "strict") -> list[list[float]]:
+    """Step scores of raw responses under tag rule `rule` (module docstring).
+
+    "strict" (default; the toy PRM, GRPO reward and evaluation): score_steps of insert_tags(r).
+    "released" (URSA-RM-8B): the whole user text tagged by the released rule, every tag of the
+    prompt read (released_input). A response without any tag scores [] (aggregate -> 0)."""
+    if rule == "strict":
+        return score_steps(model, tok, questions, [insert_tags(r) for r in responses], pixels, batch_size)
+    if rule not in TAG_RULES:
+        raise ValueError(f"score_responses: rule must be one of {TAG_RULES}, got {rule!r}")
+    px = _batch_inputs(model, questions, responses, pixels, "score_responses")
+    enc = [released_input(tok, q, r, model.cfg.vision.num_tokens, image=x is not None)
+           for q, r, x in zip(questions, responses, px)]
+    return score_encoded(model, tok, enc, px, batch_size)
 
 
 # ---- test time: aggregation, best-of-N, votes -----------------------------------------------

@@ -14,13 +14,15 @@ released scorer: its tag rule is ursa.prm's rule "released"); best-of-N is Eq. 1
 """
 from __future__ import annotations
 
+from io import BytesIO
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from PIL import Image
 
-from ursa.benchmarks import BENCHMARKS, build_prompt, question_text
+from ursa.bench_files import benchmark_name, record_image_bytes
+from ursa.benchmarks import build_prompt, question_text
 from ursa.config import ModelConfig
 from ursa.data import load_image
 from ursa.generate import generate
@@ -55,9 +57,13 @@ def pixels_of(image: ImageLike, cfg: ModelConfig, where: str = "") -> Optional[t
     return preprocess(image, cfg.vision)
 
 
-def record_image(benchmark: str, rec: dict, image_root, where: str = "") -> Optional[Path]:
-    """A benchmark record's image path (official vllm_infer.py): WE-MATH `image_path`, DynaMath
-    `image_dir`/`image`, the others `image`; empty -> None (a text-only item: no <|image|>)."""
+def record_image(benchmark: str, rec: dict, image_root, where: str = ""):
+    """A benchmark record's image: the picture embedded in a VLMEvalKit TSV row (a PIL image), else
+    its path (official vllm_infer.py): WE-MATH `image_path`, DynaMath `image_dir`/`image`, the others
+    `image`; empty -> None (a text-only item: no <|image|>)."""
+    embedded = record_image_bytes(rec, where)
+    if embedded is not None:
+        return load_image(BytesIO(embedded), where)
     if benchmark == "wemath":
         name = rec.get("image_path", rec.get("image"))
     else:
@@ -96,8 +102,7 @@ def run_benchmark(model: URSAModel, tok: Tokenizer, records, benchmark: str, ima
     the text (n == 1) or the list of n texts (n > 1; rescore scores the first, best_of_n_with_prm
     chooses). temperature 0 is greedy; otherwise a generator seeded with `seed` draws the samples.
     Generation stops at <|im_end|> / <|endoftext|> or max_new_tokens."""
-    if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; choose from {', '.join(BENCHMARKS)}")
+    benchmark = benchmark_name(benchmark)
     from tqdm import tqdm
     recs = as_pairs(records)
     dev = next(model.parameters()).device
@@ -133,6 +138,7 @@ def best_of_n_with_prm(rm: URSAModel, tok: Tokenizer, records, responses=None, h
     Returns the records with "response" = the chosen text, plus "candidates", "prm_step_scores",
     "prm_aggregate" (per candidate), "prm_choice" (index), "prm_how" and "prm_tag_rule": ready for
     ursa.benchmarks.rescore, and enough to recompute smaller N, another aggregation or a vote."""
+    benchmark = benchmark_name(benchmark)
     if how not in AGGREGATIONS:
         raise ValueError(f"best_of_n_with_prm: how must be one of {AGGREGATIONS}, got {how!r}")
     if rule not in TAG_RULES:

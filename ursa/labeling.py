@@ -1,6 +1,6 @@
 """Step labels for PRM training (Stage II, DualMath): Monte Carlo estimates, BEL, MIE.
 
-References (PAPER.md, "Stage II: DualMath and the PRM"):
+References (docs/paper.md, "Stage II: DualMath and the PRM"):
 - mc(y[1..i]) = (correct completions sampled from the prefix y[1..i]) / N; a step is "potentially
   correct" when mc > 0 (Math-Shepherd, Wang et al. 2023).
 - Per-step Monte Carlo (Math-Shepherd's baseline): probe every prefix, N * n completions.
@@ -181,7 +181,7 @@ def _item_field(item: Any, key: str):
 
 def make_record(item: Mapping, steps: Sequence[str], labels: Sequence[int], answer: str,
                 source: str, rid: Optional[str] = None) -> dict:
-    """A step-labelled solution (DESIGN.md, DualMath): {"id", "image", "question", "steps",
+    """A step-labelled solution (ursa/data.py's DualMath record): {"id", "image", "question", "steps",
     "labels", "answer", "source"}. item: a problem record (id, image, question); answer: the
     SOLUTION's own final answer (its †Answer line), not necessarily the right one; rid: the record id
     (default item["id"]; pass a unique one when an item yields several records). Validated."""

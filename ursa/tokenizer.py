@@ -3,16 +3,17 @@
 - Loads any tokenizer.json (the released Qwen2.5 / URSA one included) and checks that the special
   tokens URSA needs exist: <|endoftext|>, <|im_start|>, <|im_end|>, <|image|>.
 - Trains a byte-level BPE for the toy world with digits split one by one (arithmetic stays digit by
-  digit) and the step tag ' и' (space + U+0438, PAPER.md Stage II) guaranteed to be ONE token.
-- Builds URSA's chat prompt exactly as PAPER.md gives it:
+  digit) and the step tag ' и' (space + U+0438, URSA Stage II) guaranteed to be ONE token.
+- Builds URSA's chat prompt exactly as the released model uses it (docs/paper.md):
       <|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n<|im_start|>user\\n<|image|>{prompt}
       <|im_end|>\\n<|im_start|>assistant\\n
   and encodes a conversation into input ids plus a loss mask that covers the assistant's tokens and
   its closing <|im_end|>, nothing else. One <|image|> placeholder is expanded to the number of
   positions the vision tower yields (576 for URSA-8B).
 
-pad and eos are different ids here (pad = <|endoftext|>, the turn ends with <|im_end|>): masks are
-built by position, never by comparing ids to pad, so an EOS is never masked out as padding.
+pad and eos are the SAME id here, <|endoftext|> (as in Qwen2.5); a turn ends with <|im_end|>, which
+is never the pad id. Masks are built by position (lengths), never by comparing ids to pad, so a stop
+token is never masked out as padding even when it equals the pad id.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ Toy test sets (greedy; N samples at T = 1: maj@N, pass@N; with --prm: best-of-N 
 
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 0          # greedy only
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 16 --prm runs/toy/prm/model
+    python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 0 --oracle   # where errors start
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --blank-images
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 8 --prm runs/toy/prm/model --prm-diagnosis
 
@@ -30,7 +31,7 @@ import torch
 from ursa import io
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
                            prm_diagnosis, prm_scores, problem_pixels, sample)
-from ursa.results import pct
+from ursa.results import error_breakdown, oracle_verdicts, pct
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
 
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="responses JSONL to write")
     p.add_argument("--prm", help="PRM folder: adds PRM best-of-N (toy: N = 1, 2, 4, ..., --n)")
     p.add_argument("--prm-diagnosis", action="store_true", help="with --prm: scores of right vs wrong samples")
+    p.add_argument("--oracle", action="store_true",
+                   help="toy test sets: where each greedy response first goes wrong, by the world's oracle")
     p.add_argument("--how", default="mean", choices=("min", "mean", "last", "product"),
                    help="benchmark best-of-N aggregation of the step scores (Eq. 10: mean)")
     p.add_argument("--tag-rule", choices=("released", "strict"), default="released",
@@ -91,6 +94,9 @@ def run_toy(args):
     fams = by_family(recs, g.first_correct())
     if fams:
         print("  by family: " + ", ".join(f"{f} {pct(a)}" for f, a in fams.items()))
+    if args.oracle:
+        for fam, kinds in error_breakdown(recs, oracle_verdicts(recs, g)).items():
+            print(f"  {fam:<8} first error: " + ", ".join(f"{k} {v}" for k, v in kinds.items() if v))
     if args.out:
         io.write_jsonl(args.out, [{"id": r["id"], "response": t[0], "extracted": e[0], "correct": c[0]}
                                   for r, t, e, c in zip(recs, g.responses, g.extracted, g.correct)])

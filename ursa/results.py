@@ -97,7 +97,7 @@ def _policy_eval(model, tok, test, hard, data: Path, recipe, prm, quiet: bool) -
     g_h = sample(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
     out = {"test_greedy": acc_record(g_t.first_correct()), "hard_greedy": acc_record(g_h.first_correct()),
            "test_greedy_by_family": by_family(test, g_t.first_correct())}
-    verdicts, extra = {"greedy": g_t.first_correct()}, {}
+    verdicts, extra = {"greedy": g_t.first_correct()}, {"greedy": g_t}
     if N > 1:
         s = sample(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, pixels=px, quiet=quiet)
         out["sample_acc_T1"] = s.sample_acc()
@@ -118,6 +118,34 @@ def oracle_verdicts(records, s) -> list:
     from ursa import world
     from ursa.oracle import oracle_steps
     return [[oracle_steps(world.problem_from_id(r["id"]), t) for t in rs] for r, rs in zip(records, s.responses)]
+
+
+ERROR_KINDS = ("right", "perception", "arithmetic", "option", "answer line", "incomplete", "unparsable")
+_CLAUSE_KIND = {"read": "perception", "option": "option"}       # every other clause is arithmetic
+
+
+def error_kind(v) -> str:
+    """What went wrong first in a toy response, by the oracle's verdict: "right" (every step and
+    the answer right), "perception" (the first wrong step misreads or mis-selects a fact),
+    "arithmetic" (a false or misplaced computation), "option" (the wrong option letter), "answer
+    line" (every step right, the answer line wrong), "incomplete" (the steps stop early),
+    "unparsable" (the oracle cannot read it)."""
+    from ursa.oracle import parse_step
+    if v is None:
+        return "unparsable"
+    if v.first_error is None:
+        return "right" if v.answer_correct else ("incomplete" if not v.complete else "answer line")
+    clauses = parse_step(v.steps[v.first_error - 1]) or [("?",)]
+    return _CLAUSE_KIND.get(clauses[0][0], "arithmetic")
+
+
+def error_breakdown(records, verdicts: list) -> dict:
+    """{family: {kind: count}} of the first sample's error kind per record (see error_kind)."""
+    out: dict = {}
+    for r, vs in zip(records, verdicts):
+        fam = out.setdefault(r.get("family", "all"), {k: 0 for k in ERROR_KINDS})
+        fam[error_kind(vs[0])] += 1
+    return out
 
 
 def prm_quality(verdicts: list, scores: list) -> dict:
@@ -149,6 +177,8 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         summary, per[stage], extra = _policy_eval(model, tok, test, hard, data, recipe,
                                                   prm if stage != "align" else None, quiet)
         summary["label"] = label
+        if stage == "sft":
+            summary["greedy_errors"] = error_breakdown(test, oracle_verdicts(test, extra["greedy"]))
         if stage == "sft" and "scores" in extra:
             res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"])
             plot_best_of_n(run / "best_of_n.png", summary, "SFT policy on the toy test")
@@ -203,6 +233,12 @@ def render_results(res: dict) -> str:
             if f"test_greedy_{mode}_images" in p:
                 rows.append((f"{p['label']}, {mode} images", pct(p[f"test_greedy_{mode}_images"]), "-"))
     out = [table(rows)]
+    for stage, p in P.items():
+        if "greedy_errors" in p:
+            fams = p["greedy_errors"]
+            out.append(f"{p['label']} greedy responses on the toy test, by where they first go wrong (the world's "
+                       f"oracle):\n" + table([("family",) + ERROR_KINDS] + [(f,) + tuple(c[k] for k in ERROR_KINDS)
+                                                                           for f, c in fams.items()]))
     for stage, p in P.items():
         if "best_of_n" not in p:
             continue

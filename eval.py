@@ -29,8 +29,11 @@ from pathlib import Path
 import torch
 
 from ursa import io
+from ursa.benchmark_run import best_of_n_with_prm, run_benchmark as generate_on
+from ursa.benchmarks import format_report, read_records, rescore, write_verdicts
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
                            prm_diagnosis, prm_scores, problem_pixels, sample)
+from ursa.release import inspect_released, load_released
 from ursa.results import error_breakdown, oracle_verdicts, pct
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
@@ -117,9 +120,6 @@ def run_toy(args):
 
 
 def run_benchmark(args):
-    from ursa.benchmark_run import best_of_n_with_prm, run_benchmark as generate_on
-    from ursa.benchmarks import format_report, read_records, rescore
-    from ursa.release import load_released
     if not args.out:
         raise ValueError("--benchmark with --model needs --out (the responses file to write)")
     model, tok = load_released(args.model, dtype=DTYPES[args.dtype], device=args.device, preset=args.preset)
@@ -139,7 +139,6 @@ def run_benchmark(args):
 
 
 def run_rescore(args):
-    from ursa.benchmarks import format_report, rescore, write_verdicts
     if not args.benchmark:
         raise ValueError("--rescore needs --benchmark NAME")
     report = rescore(args.rescore, args.benchmark, response_field=args.response_field)
@@ -149,7 +148,6 @@ def run_rescore(args):
 
 
 def run_inspect(args):
-    from ursa.release import inspect_released
     print(inspect_released(args.inspect, preset=args.preset))
 
 

@@ -229,7 +229,7 @@ def test_missing_response_and_bad_json(tmp_path):
     with pytest.raises(B.BenchmarkError, match=r'x\.jsonl:1: missing field "output"'):
         B.rescore(str(path), "mathvision", response_field="output")
     path.write_text('{"id": "1", "answer": "3", "response": "†Answer: 3"}\n{oops\n', encoding="utf-8")
-    with pytest.raises(B.BenchmarkError, match=r"x\.jsonl:2: invalid JSON"):
+    with pytest.raises(B.BenchmarkError, match=r"x\.jsonl:2: not valid JSON"):
         B.rescore(str(path), "mathvision")
 
 

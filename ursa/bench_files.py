@@ -30,6 +30,8 @@ import math
 import os
 import re
 
+from ursa.data import DataError, read_jsonl
+
 BENCHMARKS = ("mathvista", "mathvision", "mathverse", "dynamath", "wemath", "geoqa")
 
 # other spellings people use for the benchmarks, after lower-casing and dropping "-", "_", " "
@@ -163,20 +165,13 @@ def _json_records(path: str, text: str) -> list[tuple[str, dict]]:
     return items
 
 
-def _jsonl_records(path: str, text: str) -> list[tuple[str, dict]]:
-    """A .jsonl file: one object per non-blank line (`FILE:17`)."""
-    out = []
-    for i, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BenchmarkError(f"{path}:{i}: invalid JSON: {e.msg}") from None
-        if not isinstance(rec, dict):
-            raise BenchmarkError(f"{path}:{i}: expected a JSON object, got {type(rec).__name__}")
-        out.append((f"{path}:{i}", rec))
-    return out
+def _jsonl_records(path: str) -> list[tuple[str, dict]]:
+    """A .jsonl file through the project's one JSONL reader (ursa.data.read_jsonl): `FILE:17`."""
+    try:
+        recs = read_jsonl(path, allow_empty=True)
+    except DataError as e:
+        raise BenchmarkError(str(e)) from None
+    return [(r.pop("_where"), r) for r in recs]
 
 
 def _table_records(path: str, text: str, delimiter: str) -> list[tuple[str, dict]]:
@@ -331,13 +326,13 @@ def read_records(path: str, benchmark: str | None = None) -> list[tuple[str, dic
     if ext not in READERS:
         raise BenchmarkError(f"{path}: unknown file type {ext or '(none)'!r}; expected .json, .jsonl, "
                              ".csv or .tsv")
-    text = _read_text(path)
     kind = READERS[ext]
-    if kind == "json":
-        items = _json_records(path, text)
-    elif kind == "jsonl":
-        items = _jsonl_records(path, text)
+    if kind == "jsonl":
+        items = _jsonl_records(path)
+    elif kind == "json":
+        items = _json_records(path, _read_text(path))
     else:
+        text = _read_text(path)
         items = _table_records(path, text, "," if kind == "csv" else "\t")
         if kind == "tsv" and items and "index" in items[0][1]:
             if benchmark is None:

@@ -22,7 +22,8 @@ dualmath.progress.json (written atomically) records the chunk count and the file
 rerun truncates the file to that length (dropping a half-written chunk or line) and goes on with
 the next chunk; each chunk's randomness is seeded by its index, so a resumed run writes the same
 records as an uninterrupted one. Image paths in the records are relative to the problems file's
-folder, which dualmath.meta.json names (`image_root`), so the run folder can move.
+folder, which dualmath.meta.json names (`image_root`, an absolute path), so the run folder can move
+and be read from any working folder.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
     out_dir.mkdir(parents=True, exist_ok=True)
     items = _problems(problems_path, n_problems)
     out, prog_path = out_dir / RECORDS, out_dir / PROGRESS
-    io.write_json(out_dir / META, {"image_root": str(problems_path.parent), "problems": str(problems_path)})
+    io.write_json(out_dir / META, {"image_root": str(problems_path.parent.resolve()),    # absolute: any cwd, any run depth
+                                   "problems": str(problems_path.resolve())})
     stats = _new_stats()
     if prog_path.exists() and out.exists():
         stats = io.read_json(prog_path, "labelling progress")

@@ -15,6 +15,9 @@ swapped in so that a COMPLETE folder exists at every moment:
 complete, `final.old` is moved back; leftover `.tmp` / `.old` folders are removed. Every reader of a
 swapped folder calls it first (ursa.trainer on resume, ursa.weights on load).
 
+Append-only logs (metrics.jsonl) are the one exception: `append_jsonl` adds a line in one write; a
+kill can cut the last line, which their reader ignores.
+
 JSON is written with `allow_nan=False` after NaN / inf became null: a JSON file of this project is
 always JSON (Python's json module would otherwise write the non-standard token NaN).
 """
@@ -105,6 +108,15 @@ def write_jsonl(path: PathLike, records: Iterable[dict]) -> None:
     write_text(path, "".join(line + "\n" for line in lines))
 
 
+def append_jsonl(path: PathLike, record: dict) -> None:
+    """Append one JSON line (strict JSON, as `dumps`) to an append-only log such as metrics.jsonl,
+    in one write. Not atomic: a kill can leave the last line cut; the log's reader ignores a cut
+    last line (ursa.trainer.read_metrics) and the writer rewrites the file on resume."""
+    line = dumps(record, None) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+
+
 def read_json(path: PathLike, what: str = "JSON file") -> Any:
     """A JSON file, or ValueError naming the file (and line) when it is missing or not JSON."""
     path = Path(path)
@@ -159,6 +171,8 @@ def commit_dir(tmp: PathLike, final: PathLike) -> None:
     """Swap the finished folder `tmp` in as `final` so that a complete one exists at every moment."""
     tmp, final = Path(tmp), Path(final)
     old = _old_dir(final)
+    if old.exists() and not final.exists():
+        old.rename(final)                  # an earlier swap was cut after "final -> old": old is the complete one
     if old.exists():
         shutil.rmtree(old)
     if final.exists():

@@ -19,7 +19,10 @@ What the loop guarantees
   difference, unless `force=True`.
 - A non-finite loss or gradient norm stops the stage with one line naming the stage and step,
   before the optimizer step: the last checkpoint stays as it was and no weights are written
-  (torchtitan's choice too; skipping the step would hide a diverging run).
+  (torchtitan's choice too; skipping the step would hide a diverging run). Weights an update made
+  non-finite (a huge learning rate times finite gradients) are never checkpointed either.
+- The checkpoint holds the CPU generator's state and, on a GPU, the device generator's (dropout),
+  so a resumed run draws the masks the uninterrupted one drew.
 - metrics.jsonl gets one JSON line per logged step; a line cut by a kill is ignored on resume, and
   lines logged after the checkpoint are dropped, so the file always matches the weights.
 """
@@ -47,6 +50,7 @@ CKPT_SECONDS = 60.0             # a checkpoint at least this often, so a quick r
 # Opt fields that may differ on resume: how often to log or checkpoint, and how a step is cut into
 # micro-batches (the sums are the same), change nothing about the trained weights.
 RESUMABLE_CHANGES = ("log_every", "ckpt_every", "ckpt_seconds", "micro_batch")
+CUDA_RNG = "cuda_rng"           # the device generator's state in a one-process checkpoint on a GPU
 
 
 class TrainingError(ValueError):
@@ -230,6 +234,8 @@ def _save_resume(stage_dir: Path, modules: dict, optim, step: int, opt: Opt, ext
         save_file(sd, str(tmp / "modules.safetensors"))
         torch.save(optim.state_dict(), tmp / "optimizer.pt")
         tensors = {"torch_rng": torch.get_rng_state(), **{k: v.cpu() for k, v in extra.items() if torch.is_tensor(v)}}
+        if rt.device.type == "cuda":       # dropout on the GPU draws from the device's generator
+            tensors[CUDA_RNG] = torch.cuda.get_rng_state(rt.device)
         save_file(tensors, str(tmp / "rng.safetensors"))
         io.write_json(tmp / "state.json", state)
 
@@ -245,6 +251,9 @@ def _load_resume(stage_dir: Path, modules: dict, optim, rt: Runtime) -> tuple[di
     optim.load_state_dict(torch.load(d / "optimizer.pt", weights_only=True))
     rng = load_file(str(d / "rng.safetensors"))
     torch.set_rng_state(rng.pop("torch_rng"))
+    cuda_rng = rng.pop(CUDA_RNG, None)
+    if cuda_rng is not None and rt.device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng, rt.device)
     return io.read_json(d / "state.json", "resume state"), rng
 
 
@@ -266,6 +275,30 @@ def assert_finite_weights(model: torch.nn.Module, where: str):
     for n, t in model.state_dict().items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise TrainingError(f"{where}: weight {n} is not finite; the model is not written")
+
+
+def _first_nonfinite(modules: dict) -> Optional[str]:
+    """The name of the first parameter holding a NaN / inf (this rank's shard under FSDP), or None."""
+    for k, m in modules.items():
+        for n, p in m.named_parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p     # a DTensor's shard
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                return f"{k}.{n}"
+    return None
+
+
+def _check_finite_update(modules: dict, name: str, step: int, stage_dir: Path, rt: Runtime):
+    """Before a checkpoint: refuse weights an update made non-finite (finite gradients times a huge
+    learning rate can overflow), so the last checkpoint in resume/ stays a good one. All ranks agree."""
+    bad = _first_nonfinite(modules)
+    if rt.dist is not None:
+        if dist.global_sum([float(bad is not None)])[0] == 0:
+            return
+    elif bad is None:
+        return
+    raise TrainingError(f"[{name}] step {step}: the update made weight {bad or '(on another rank)'} not "
+                        f"finite; stopped before the checkpoint (the last checkpoint in "
+                        f"{stage_dir / 'resume'} is kept; try a smaller --lr)")
 
 
 # ---- the loop -------------------------------------------------------------------------------
@@ -340,8 +373,7 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
                    "tok_s": round(toks / max(dt, 1e-9), 1),
                    **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()}}
             if rt.is_main:
-                with open(metrics_path, "a", encoding="utf-8") as f:
-                    f.write(io.dumps(rec, None) + "\n")
+                io.append_jsonl(metrics_path, rec)
             if not quiet:
                 tqdm.write(f"[{name}] step {step:5d} | loss {m['loss']:.4f} | lr {rec['lr']:.2e} | "
                            f"{rec['tok_s']:.0f} tok/s" + "".join(
@@ -350,8 +382,12 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
             t_log, toks = time.time(), 0
         boundary = resumable_at is None or resumable_at(step + 1)
         stopping = stop_after is not None and done_now >= stop_after and boundary
-        due = ((step + 1) % opt.ckpt_every == 0 or time.time() - t_ckpt >= opt.ckpt_seconds) and boundary
+        timed = time.time() - t_ckpt >= opt.ckpt_seconds
+        if rt.dist is not None:            # clocks differ by rank: all must take the same (collective) checkpoint
+            timed = dist.global_sum([float(timed)])[0] > 0
+        due = ((step + 1) % opt.ckpt_every == 0 or timed) and boundary
         if not last and (due or stopping):
+            _check_finite_update(modules, name, step, stage_dir, rt)
             _save_resume(stage_dir, modules, optim, step + 1, opt, extra_state() if extra_state else {}, rt)
             t_ckpt = time.time()
         if stopping and not last:

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from itertools import accumulate
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -102,21 +103,32 @@ def lm_step_fn(model: URSAModel, data: ExampleSet, opt: Opt, pad_id: int, rt: Ru
 # Stage I: pretraining stand-in, alignment, SFT
 # =============================================================================================
 
-class AttributeHead(nn.Module):
-    """Vision pretraining head: all patch features -> one classifier per scene attribute slot."""
+class AttributeHeads(nn.Module):
+    """Vision pretraining heads. Scene: all patch features -> one classifier per scene-attribute
+    slot (ursa.world.attributes). Patch: each patch feature -> one classifier per patch-attribute
+    slot (ursa.world.patch_attributes: the facts of the object in that patch)."""
 
-    def __init__(self, num_patches: int, width: int, slots: int, values: int):
+    def __init__(self, num_patches: int, width: int, values: int):
         super().__init__()
-        self.slots, self.values = slots, values
-        self.proj = nn.Linear(num_patches * width, slots * values)
+        self.values = values
+        self.scene = nn.Linear(num_patches * width, world.NUM_ATTR_SLOTS * values)
+        self.patch = nn.Linear(width, world.PATCH_SLOTS * values)
 
-    def forward(self, feats):                                      # feats [B, P, D]
-        return self.proj(feats.flatten(1)).view(feats.shape[0], self.slots, self.values)  # [B, slots, values]
+    def forward(self, feats):                                      # feats [B, P, D], P = g * g patches
+        B, P, D = feats.shape
+        scene = self.scene(feats.flatten(1)).view(B, world.NUM_ATTR_SLOTS, self.values)    # [B, slots, values]
+        g, G = int(round(P ** 0.5)), world.PATCH_GRID
+        if g != G:          # another patch grid (a test preset): the world's 4 x 4 cells, nearest patch
+            grid = feats.transpose(1, 2).reshape(B, D, g, g)                                # [B, D, g, g]
+            feats = nn.functional.interpolate(grid, size=(G, G), mode="nearest").flatten(2).transpose(1, 2)
+        patch = self.patch(feats).view(B, G * G, world.PATCH_SLOTS, self.values)           # [B, 16, slots, values]
+        return scene, patch
 
 
 def stage_pretrain(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after=None, quiet=False, force=False):
     """Toy stand-in for downloading Qwen2.5 and SigLIP: the LM on text-only problems (and caption
-    text), the vision tower on predicting scene attributes. Both trained in one loop."""
+    text), the vision tower on predicting the scene's facts and each patch's (ursa.world.attributes,
+    patch_attributes). Both trained in one loop."""
     sd, opt, data_dir = run / "pretrain", recipe.pretrain, Path(recipe.data_dir)
     if stage_done(sd):
         return
@@ -126,30 +138,34 @@ def stage_pretrain(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_
     for r in read_jsonl(data_dir / "text.jsonl", required=("text_question", "solution")):
         i, m = tok.encode_conversation(r["text_question"], r["solution"], image=False)
         ids.append(i), masks.append(m)
-    caps = read_jsonl(data_dir / "captions.jsonl", required=("conversations", "attributes"))
+    caps = read_jsonl(data_dir / "captions.jsonl", required=("conversations", "attributes", "patch_attributes"))
     for r in caps:
         u, a, _ = conversation_turns(r)
         i, m = tok.encode_conversation(u, a, image=False)        # caption text, so alignment has words to reach
         ids.append(i), masks.append(m)
     text = ExampleSet(ids, masks, None)
     imgs = load_images_u8(caps, data_dir, model.cfg.vision)
-    attrs = torch.tensor([r["attributes"] for r in caps], dtype=torch.long)      # [N, slots]
-    head = AttributeHead(model.cfg.vision.num_tokens, model.cfg.vision.out_dims[0], world.NUM_ATTR_SLOTS,
-                         world.NUM_ATTR_VALUES).to(rt.device)
+    scene_y = torch.tensor([r["attributes"] for r in caps], dtype=torch.long)          # [N, slots]
+    patch_y = torch.tensor([r["patch_attributes"] for r in caps], dtype=torch.long)    # [N, P, slots]
+    if patch_y.shape[1] != world.PATCH_GRID ** 2:
+        raise DataError(f"{data_dir / 'captions.jsonl'}: {patch_y.shape[1]} patch attributes per image, expected "
+                        f"{world.PATCH_GRID ** 2}")
+    head = AttributeHeads(model.cfg.vision.num_tokens, model.cfg.vision.out_dims[0], world.NUM_ATTR_VALUES).to(rt.device)
     set_trainable(model, ("vision_model", "language_model"))
     lm_fn = lm_step_fn(model, text, opt, tok.pad_id, rt)
 
     def step_fn(step):
         m = lm_fn(step)
         idx = order(len(caps), step, opt.batch_size, opt.seed + 1)
-        px, y = rt.to(imgs[idx].float() / 255.0, attrs[idx])
+        px, ys, yp = rt.to(imgs[idx].float() / 255.0, scene_y[idx], patch_y[idx])
         with rt.autocast(opt.bf16):
-            logits = head(model.vision_model(px)[0])                              # [B, slots, values]
-        vloss = nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+            scene, patch = head(model.vision_model(px)[0])
+        vloss = (nn.functional.cross_entropy(scene.float().flatten(0, 1), ys.flatten())
+                 + nn.functional.cross_entropy(patch.float().flatten(0, 2), yp.flatten()))
         vloss.backward()
-        acc = (logits.argmax(-1) == y).all(-1).float().mean().item()
         return {"loss": m["loss"] + vloss.item(), "lm_loss": m["loss"], "vit_loss": vloss.item(),
-                "vit_scene_acc": acc, "tokens": m["tokens"]}
+                "vit_scene_acc": (scene.argmax(-1) == ys).all(-1).float().mean().item(),
+                "vit_patch_acc": (patch.argmax(-1) == yp).float().mean().item(), "tokens": m["tokens"]}
 
     if train_loop(sd, "pretrain", {"model": model, "head": head}, opt, step_fn, rt, stop_after=stop_after,
                   quiet=quiet, force=force):
@@ -481,7 +497,7 @@ def apply_overrides(recipe: Recipe, args) -> Recipe:
         raise TrainingError("--init / --data / --lr / ... set one stage's settings: name the stage "
                             "(pretrain, align, sft, prm or grpo)")
     if given:
-        setattr(recipe, stage, replace(getattr(recipe, stage), **given).check(stage))
+        setattr(recipe, stage, replace(getattr(recipe, stage), **given).check(f"[{stage}]"))
     return recipe
 
 
@@ -551,6 +567,8 @@ def _main(args, rt: Runtime):
     recipe.name = run.name
     try:
         apply_overrides(recipe, args)
+        if args.stop_after is not None and args.stage in ("all", "ablation", "label"):
+            raise TrainingError("--stop-after stops one training stage: name it (pretrain, align, sft, prm or grpo)")
         if args.stage == "all":
             run_all(recipe, run, rt)
         elif args.stage == "ablation":
@@ -560,7 +578,8 @@ def _main(args, rt: Runtime):
     except (ValueError, FileNotFoundError, PermissionError) as e:   # bad input: one line naming the file / record
         if rt.dist is not None:
             raise
-        raise SystemExit(f"train.py {args.stage}: {e}")
+        print(f"train.py {args.stage}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def split(batch: Batch, labels: torch.Tensor, micro: int):
 
 
 def freeze_for(model, task: str):
-    """PRM training updates the LLM part (and the head) only (PAPER.md Stage II)."""
+    """PRM training updates the LLM part (and the head) only (URSA Stage II)."""
     if task == "prm":
         for n, p in model.named_parameters():
             p.requires_grad = n.split(".")[0] in ("language_model", "score")

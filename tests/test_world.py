@@ -110,7 +110,7 @@ def read_image(p) -> dict:
     if p.family == "bars":        # scan each bar's centre column upward from the axis
         bars = []
         for i in range(4):
-            x = 6 + 10 * i + 4
+            x = 2 + 12 * i + 4                          # bar i spans x 2 + 12i .. 10 + 12i
             c = px[x, 43]
             if c not in colour_of or colour_of[c] in ("grey", "dark"):
                 continue
@@ -433,7 +433,6 @@ def test_letters_and_check_use_the_answer_module():
     for resp in ("†Answer: D", "†Answer: (D)", "†Answer: 15", "†Answer: A", "Step 1: 15.", "\\boxed{D}"):
         assert check(p, resp) == answer.judge(resp, "D", p.choices)[1]
     assert check(p, "†Answer: 15") and not check(p, "†Answer: 17")
-    assert "PAPER.md" not in world.__doc__ and "DESIGN.md" not in world.__doc__
 
 
 # ---- MIE: arithmetic slips and wrong options -------------------------------------------------
@@ -760,3 +759,22 @@ def test_oracle_never_raises_fuzz():
             assert v is None or (_labels_ok(v) and v.first_error in (None, len(v.steps))), (p.id, text[:j])
             if text[:j].endswith(".") and text[j:].startswith("\n\n"):        # a whole step ends here
                 assert v is not None and v.first_error is None and v.answer_correct == ("†" in text[:j])
+
+
+def test_patch_attributes_by_hand():
+    from ursa.world import PATCH_SLOTS, patch_attributes
+    shapes = {"family": "shapes", "scene": {"shapes": [[0, "circle", "red", 9, 0, 0], [5, "circle", "red", 9, 0, 0],
+                                                       [6, "square", "blue", 9, 0, 0]]}}
+    pa = patch_attributes(shapes)
+    assert len(pa) == 16 and all(len(x) == PATCH_SLOTS for x in pa)
+    # cell 0 and 5: red circle (class 1 + 3 * 0 + 0), 2 red circles, 2 circles, 3 shapes; cell 6: blue square
+    assert pa[0] == pa[5] == [0, 1, 2, 2, 3]
+    assert pa[6] == [0, 1 + 3 * 2 + 1, 1, 1, 3]
+    assert pa[1] == [0, 0, 0, 0, 3]
+    bars = {"family": "bars", "scene": {"bars": [["green", 3], ["red", 7], ["blue", 3]]}}
+    pb = patch_attributes(bars)
+    # columns 0..2 hold bars 0..2 (bar i spans x 6 + 10i .. 14 + 10i), column 3 none; every row alike
+    assert pb[0] == pb[12] == [1, 2, 3, 2, 3] and pb[1] == [1, 1, 7, 1, 3] and pb[2] == [1, 3, 3, 2, 3]
+    assert pb[3] == pb[15] == [1, 0, 0, 0, 3]
+    grid = {"family": "grid", "scene": {"w": 5, "h": 3, "cut": {"w": 2, "h": 1, "corner": 0}}}
+    assert set(map(tuple, patch_attributes(grid))) == {(2, 5, 3, 2, 1)}

@@ -3,7 +3,7 @@
 References: PyTorch FSDP2 (`torch.distributed.fsdp.fully_shard`, per-parameter DTensor sharding) and
 Distributed Checkpoint (`torch.distributed.checkpoint`); torchtitan for the order of operations
 (meta-device build -> activation checkpointing -> fully_shard per block, then the root -> to_empty ->
-load); PAPER.md Stage I ("AdamW, FSDP, bf16"). Only PyTorch's own engine is used.
+load); URSA Stage I ("AdamW, FSDP, bf16"; docs/paper.md). Only PyTorch's own engine is used.
 
     torchrun --standalone --nproc_per_node=8 train.py sft --fsdp ...     (docs/scale_out.md)
 
@@ -29,7 +29,6 @@ all-gathered in bf16 just before it runs and freed after; gradients are reduce-s
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sys
@@ -42,6 +41,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from ursa import io
 from ursa.config import ModelConfig
 from ursa.io import commit_dir, new_tmp_dir, recover_dir
 from ursa.model import URSAModel, init_weights, value_head_tensors
@@ -158,7 +158,7 @@ def barrier():
 # =============================================================================================
 
 def global_count(n: int) -> int:
-    """Sum of n over all ranks (targets or tags of one optimizer step; DESIGN.md: normalise by the
+    """Sum of n over all ranks (targets or tags of one optimizer step; the project's rule: normalise by the
     count of the whole step, counted before the micro-batch loop and across ranks)."""
     if not dist.is_initialized():
         return int(n)
@@ -434,7 +434,7 @@ def save_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer, state
     save_file(tensors, str(_rank_file(tmp, _rank())))
     plain = {k: v for k, v in state.items() if not torch.is_tensor(v)}
     if _rank() == 0:
-        (tmp / STATE_NAME).write_text(json.dumps({"world_size": _world(), "state": plain}, indent=1))
+        io.write_json(tmp / STATE_NAME, {"world_size": _world(), "state": plain})
     barrier()
     _on_rank0(lambda: commit_dir(tmp, ckpt_dir))
 
@@ -450,7 +450,7 @@ def load_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer) -> di
     meta_path = ckpt_dir / STATE_NAME
     if not meta_path.exists():
         raise FileNotFoundError(f"{ckpt_dir}: no {STATE_NAME} (not a finished sharded checkpoint)")
-    meta = json.loads(meta_path.read_text())
+    meta = io.read_json(meta_path, "sharded checkpoint state")
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=str(ckpt_dir))

@@ -1,7 +1,7 @@
 """URSA: vision tower -> projector ("aligner") -> Qwen2 decoder, plus the PRM value head.
 
-References: LLaVA (Liu et al. 2023) and nanoVLM for the three-part layout; PAPER.md "The released
-URSA-8B architecture" for the hybrid projector and the merge; URSA-RM-8B for the value head.
+References: LLaVA (Liu et al. 2023) and nanoVLM for the three-part layout; the released URSA-8B
+architecture (docs/paper.md) for the hybrid projector and the merge; URSA-RM-8B for the value head.
 
     pixels [n_img, 3, S, S] in [0, 1]
       -> vision_model (ursa/vision.py)  -> (features [n_img, N, C], ...)   (two branches if hybrid)

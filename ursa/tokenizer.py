@@ -22,6 +22,8 @@ from typing import Iterable
 
 from tokenizers import AddedToken, Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
+from ursa import io
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|image|>"]
 STEP_TAG = " и"
 SYSTEM_PROMPT = "You are a helpful assistant."
@@ -62,12 +64,12 @@ class Tokenizer:
         return cls(tok, str(path))
 
     def save(self, path):
+        """Write tokenizer.json atomically (ursa.io)."""
         path = Path(path)
         if path.suffix != ".json":
             path = path / "tokenizer.json"
-        tmp = path.with_suffix(".json.tmp")
-        self.tok.save(str(tmp))
-        tmp.replace(path)
+        with io.atomic_file(path) as tmp:
+            self.tok.save(str(tmp))
 
     @property
     def vocab_size(self) -> int:

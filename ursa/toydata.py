@@ -4,7 +4,7 @@ Files, in the project's record formats (JSONL, UTF-8; "image" is relative to the
 images are PNG under images/):
 
     captions.jsonl    {"id", "image", "conversations": [human "<image>\\nDescribe the image.",
-                       gpt caption], "attributes"}                  (alignment; vision pretraining)
+                       gpt caption], "attributes", "patch_attributes"}   (alignment; vision pretraining)
     text.jsonl        {"id", "text_question", "solution"}         (text-only LM pretraining)
     cot_train.jsonl   {"id", "image", "conversations": [human "<image>\\n" + question, gpt solution],
                        "answer", "choices", "steps", "perception_steps", "facts"}      (SFT)
@@ -35,9 +35,12 @@ from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 SEED_STRIDE = 10_000_000        # problem seeds of --seed s start at s * SEED_STRIDE
 
 
+FORMAT = 3      # bumped whenever the records or images change (2: patch_attributes; 3: bars aligned to patches)
+
+
 def _world_signature(image_size: int) -> dict:
-    """What the generated data depends on besides the counts: knobs and image size."""
-    return {"image_size": image_size, "families": list(world.FAMILIES),
+    """What the generated data depends on besides the counts: the record format, knobs, image size."""
+    return {"format": FORMAT, "image_size": image_size, "families": list(world.FAMILIES),
             "knobs": {s: dataclasses.asdict(k) for s, k in world.KNOBS.items()}}
 
 
@@ -50,7 +53,7 @@ def _caption_record(p: world.Problem, image: str) -> dict:
     return {"id": p.id, "image": image,
             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                               {"from": "gpt", "value": p.caption}],
-            "attributes": p.attributes}
+            "attributes": p.attributes, "patch_attributes": world.patch_attributes(p.facts)}
 
 
 def _cot_record(p: world.Problem, image: str) -> dict:
@@ -111,7 +114,7 @@ def write_world(out_dir, n_train: int = 8000, n_rl: int = 1000, n_test: int = 50
         diff = [f"{k} {old.get('args', {}).get(k)!r} -> {v!r}" for k, v in args.items()
                 if old.get("args", {}).get(k) != v]
         if old.get("world") != sig:
-            diff.append("the world's knobs changed (ursa/world.py)")
+            diff.append("the world's knobs or the record format changed (ursa/world.py, ursa/toydata.py)")
         raise ValueError(f"{out} was written with other arguments ({'; '.join(diff)}); "
                          f"pass --force to overwrite it")
 

@@ -65,6 +65,8 @@ RGB = {"red": (220, 40, 40), "green": (30, 160, 50), "blue": (40, 80, 220), "ora
 GRID_FILLS = ((150, 190, 240), (240, 190, 140), (170, 220, 160))   # light fill of the figure
 GRID_UNITS, GRID_PX, GRID_MARGIN = 8, 5, 4    # 8x8 unit grid of 5 px, 4 px margin (48-px coords)
 BAR_MAX, BAR_PX, BAR_BASE = 10, 4, 44         # gridlines up to 10 units of 4 px above y = 44
+BAR_X0, BAR_PITCH, BAR_W = 2, 12, 8           # bar i spans x in [2 + 12i, 10 + 12i): one bar per 12-px
+                                              # patch column, so no patch mixes two bars' colours
 MAX_SHAPES = 16                               # one shape per cell of the 4x4 grid
 
 # Scene attributes for "vision pretraining" (one classifier per slot), the same layout length for
@@ -74,6 +76,17 @@ MAX_SHAPES = 16                               # one shape per cell of the 4x4 gr
 #   grid:   1 width, 2 height, 3 cut width, 4 cut height (0 = no cut), 5 x0, 6 y0, 7 corner id + 1
 NUM_ATTR_SLOTS = 10
 NUM_ATTR_VALUES = MAX_SHAPES + 1
+
+# Patch attributes: the same facts per image patch (a 4x4 grid of 12-px cells = the tiny ViT's
+# patches, row-major), so that every patch token learns to carry the facts of ITS object, which the
+# language model then reads by attending to the right patch. Slot 0 is the family id.
+#   shapes: 1 the cell's shape (0 empty, 1 + 3 * colour + kind), 2 how many shapes of that colour
+#           and kind the image has, 3 how many of that kind (any colour), 4 how many shapes in all
+#   bars:   1 the colour id + 1 of the bar in the patch's column (0: none), 2 its height,
+#           3 its height rank (1 = tallest), 4 the number of bars
+#   grid:   1 width, 2 height, 3 cut width, 4 cut height (0 = no cut), in every patch
+PATCH_GRID = 4
+PATCH_SLOTS = 5
 
 
 @dataclass(frozen=True)
@@ -446,12 +459,12 @@ def draw(facts: dict, image_size: int = IMAGE_SIZE) -> Image.Image:
                           fill=RGB[colour])
     elif fam == "bars":
         for k in range(1, BAR_MAX + 1):                         # horizontal gridlines
-            d.line([P(4), P(BAR_BASE - BAR_PX * k), P(46), P(BAR_BASE - BAR_PX * k)], fill=RGB["grey"])
+            d.line([P(1), P(BAR_BASE - BAR_PX * k), P(47), P(BAR_BASE - BAR_PX * k)], fill=RGB["grey"])
         for i, (colour, h) in enumerate(scene["bars"]):
-            x = 6 + 10 * i
-            d.rectangle([P(x), P(BAR_BASE - BAR_PX * h), P(x + 8) - 1, P(BAR_BASE) - 1], fill=RGB[colour])
-        d.line([P(3), P(2), P(3), P(BAR_BASE)], fill=RGB["dark"])                    # y axis
-        d.line([P(3), P(BAR_BASE), P(46), P(BAR_BASE)], fill=RGB["dark"])            # x axis
+            x = BAR_X0 + BAR_PITCH * i
+            d.rectangle([P(x), P(BAR_BASE - BAR_PX * h), P(x + BAR_W) - 1, P(BAR_BASE) - 1], fill=RGB[colour])
+        d.line([P(1), P(2), P(1), P(BAR_BASE)], fill=RGB["dark"])                    # y axis
+        d.line([P(1), P(BAR_BASE), P(47), P(BAR_BASE)], fill=RGB["dark"])            # x axis
     elif fam == "grid":
         g = lambda u: P(GRID_MARGIN + GRID_PX * u)              # noqa: E731  unit -> pixels
         x0, y0, w, h, cut = scene["x0"], scene["y0"], scene["w"], scene["h"], scene["cut"]
@@ -496,6 +509,53 @@ def attributes(facts: dict) -> list:
         cut = scene["cut"] or {"w": 0, "h": 0, "corner": -1}
         a += [scene["w"], scene["h"], cut["w"], cut["h"], scene["x0"], scene["y0"], cut["corner"] + 1]
     return a + [0] * (NUM_ATTR_SLOTS - len(a))
+
+
+def _column_bars(scene: dict) -> list:
+    """For each patch column c (48-px x in [12c, 12c + 12)), the index of the bar overlapping it
+    most (None: no bar). Bar i spans x in [BAR_X0 + BAR_PITCH i, BAR_X0 + BAR_PITCH i + BAR_W)."""
+    out = []
+    for c in range(PATCH_GRID):
+        lo, hi = 12 * c, 12 * c + 12
+        ov = [(min(hi, BAR_X0 + BAR_PITCH * i + BAR_W) - max(lo, BAR_X0 + BAR_PITCH * i), i)
+              for i in range(len(scene["bars"]))]
+        best = max(ov, default=(0, None))
+        out.append(best[1] if best[0] > 0 else None)
+    return out
+
+
+def patch_attributes(facts: dict) -> list:
+    """PATCH_GRID ** 2 lists of PATCH_SLOTS small ints (< NUM_ATTR_VALUES), one per image patch in
+    row-major order (slot layout in the module constants)."""
+    fam, scene = facts["family"], facts["scene"]
+    fam_id = FAMILIES.index(fam)
+    if fam == "grid":
+        cut = scene["cut"] or {"w": 0, "h": 0}
+        return [[fam_id, scene["w"], scene["h"], cut["w"], cut["h"]] for _ in range(PATCH_GRID ** 2)]
+    if fam == "shapes":
+        counts = _shape_counts(scene)
+        per_kind = {k: sum(counts[(c, k)] for c in SHAPE_COLOURS) for k in KINDS}
+        at = {cell: (colour, kind) for cell, kind, colour, *_ in scene["shapes"]}
+        out = []
+        for p in range(PATCH_GRID ** 2):
+            if p in at:
+                colour, kind = at[p]
+                out.append([fam_id, 1 + 3 * SHAPE_COLOURS.index(colour) + KINDS.index(kind),
+                            counts[(colour, kind)], per_kind[kind], len(scene["shapes"])])
+            else:
+                out.append([fam_id, 0, 0, 0, len(scene["shapes"])])
+        return out
+    heights = [h for _, h in scene["bars"]]
+    cols = _column_bars(scene)
+    out = []
+    for p in range(PATCH_GRID ** 2):
+        i = cols[p % PATCH_GRID]
+        if i is None:
+            out.append([fam_id, 0, 0, 0, len(heights)])
+        else:
+            colour, h = scene["bars"][i]
+            out.append([fam_id, BAR_COLOURS.index(colour) + 1, h, 1 + sum(x > h for x in heights), len(heights)])
+    return out
 
 
 def describe(facts: dict) -> str:

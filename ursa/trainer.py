@@ -317,9 +317,9 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
     restricts checkpoints, and early stops, to its boundaries.
     Returns True when the stage finished, False when it stopped early."""
     rt = rt or Runtime()
-    opt.check(name)
+    opt.check(f"[{name}]")
     if stop_after is not None and stop_after < 1:
-        raise TrainingError(f"{name}: --stop-after must be >= 1, got {stop_after}")
+        raise TrainingError(f"[{name}] --stop-after must be >= 1, got {stop_after}")
     stage_dir = Path(stage_dir)
     if stage_dir.exists() and not stage_dir.is_dir():
         raise TrainingError(f"{stage_dir}: exists and is not a folder")

@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from ursa.evaluate import (Samples, acc_record, best_of_n_table, fmt_acc, judge_all, paired_bootstrap,
+from ursa.evaluate import (acc_record, best_of_n_table, fmt_acc, judge_all, paired_bootstrap,
                            selection_verdicts, wilson)
 from ursa.results import split_by_problem
 

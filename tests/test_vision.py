@@ -193,6 +193,19 @@ def test_siglip_matches_slow_reference_and_gelu_flag_is_honoured():
         SiglipViT(ViTConfig(**{**base.__dict__, "gelu": "relu"}))
 
 
+def test_siglip_matmul_attention_path_matches_slow_reference():
+    from ursa.lm import FastPath, fast_path, forced_path
+    vit = SiglipViT(ViTConfig(image_size=16, patch_size=4, hidden_size=16, intermediate_size=32,
+                              num_layers=2, num_heads=2)).double()
+    randomize(vit, seed=6, std=0.5)
+    img = torch.randn(2, 3, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with forced_path(FastPath("matmul", True)):
+        got = vit(img).detach().numpy()
+    np.testing.assert_allclose(got, slow_siglip(vit, img.numpy(), "tanh"), atol=1e-8, rtol=0)
+    # the rule the tower shares with the decoder: bf16 on a CPU takes the matmul kernel
+    assert fast_path(torch.device("cpu"), torch.bfloat16, 16, 16).kernel == "matmul"
+
+
 # ---- the hybrid tower ------------------------------------------------------------------------
 
 def manual_head(sam: SamViT, neck_idx: str, x: torch.Tensor) -> torch.Tensor:

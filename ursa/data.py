@@ -144,11 +144,68 @@ class Batch:
         """Real (non-padding) tokens."""
         return int(self.attention_mask.sum())
 
+    def num_positions(self) -> int:
+        """Every position, padding included (B * T): what a forward computes."""
+        return self.input_ids.numel()
+
     def split(self, n: int) -> list["Batch"]:
         """Micro-batches of at most n rows (each row's image follows it)."""
         return [Batch(self.input_ids[s:s + n], self.attention_mask[s:s + n], self.loss_mask[s:s + n],
                       None if self.pixel_values is None else self.pixel_values[s:s + n])
                 for s in range(0, self.input_ids.shape[0], n)]
+
+    def take(self, rows: torch.Tensor, length: int) -> "Batch":
+        """Rows `rows` (a long tensor of row indices, in that order), cut to the first `length`
+        positions (right padding only: pass at least the longest chosen row's length)."""
+        return Batch(self.input_ids[rows, :length], self.attention_mask[rows, :length],
+                     self.loss_mask[rows, :length],
+                     None if self.pixel_values is None else self.pixel_values[rows])
+
+    def groups(self, max_rows: int, max_tokens: Optional[int] = None) -> list[tuple[torch.Tensor, int]]:
+        """Micro-batches of similar length, as (row indices [b] long, length) pairs: length_groups
+        of the rows' real lengths. The batch must be right-padded (as ExampleSet builds it)."""
+        am = self.attention_mask
+        lengths = am.sum(1)                                                    # [B]
+        if not torch.equal(am.bool(), torch.arange(am.shape[1], device=am.device)[None, :] < lengths[:, None]):
+            raise DataError("Batch.groups: the batch is not right-padded (a real token after a pad)")
+        return [(torch.tensor(rows, dtype=torch.long), n)
+                for rows, n in length_groups(lengths.tolist(), max_rows, max_tokens)]
+
+    def buckets(self, max_rows: int, max_tokens: Optional[int] = None) -> list["Batch"]:
+        """The rows sorted longest first and cut into micro-batches of at most max_rows rows and (when
+        given) at most max_tokens positions (rows x longest), each padded only to its own longest
+        row. Every real token's loss and gradient equal those of `split` (right padding is never
+        seen by a real token; the loss is normalised by the step's count, taken before): only the
+        summation order changes. With max_tokens the number of micro-batches depends on the
+        lengths: under FSDP, where every rank must run as many forwards, leave it None (then there
+        are ceil(B / max_rows) micro-batches, as with split)."""
+        return [self.take(rows, n) for rows, n in self.groups(max_rows, max_tokens)]
+
+
+def length_groups(lengths: Sequence[int], max_rows: int,
+                  max_tokens: Optional[int] = None) -> list[tuple[list[int], int]]:
+    """Cut rows into micro-batches of similar length: (row indices, longest length) per group.
+
+    Rows are sorted longest first (ties by index, so the result is deterministic). Without
+    max_tokens: consecutive groups of max_rows rows (the last may be smaller). With max_tokens: a
+    group grows while it has fewer than max_rows rows and (rows + 1) x its longest row <= max_tokens
+    (a row longer than max_tokens forms a group alone). Every row appears in exactly one group."""
+    if max_rows < 1:
+        raise DataError(f"length_groups: max_rows must be >= 1, got {max_rows}")
+    if max_tokens is not None and max_tokens < 1:
+        raise DataError(f"length_groups: max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    groups, cur = [], []
+    for i in order:
+        full = len(cur) >= max_rows or (max_tokens is not None and cur
+                                         and (len(cur) + 1) * lengths[cur[0]] > max_tokens)
+        if full:
+            groups.append((cur, lengths[cur[0]]))
+            cur = []
+        cur.append(i)
+    if cur:
+        groups.append((cur, lengths[cur[0]]))
+    return groups
 
 
 def pad_right(rows: Sequence[torch.Tensor], value: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,6 +258,12 @@ class ExampleSet:
         lm, _ = pad_right([self.masks[i] for i in idx], 0)
         px = None if self.images is None else self.images[list(idx)].float().div_(255.0)
         return Batch(ids, am, lm, px)
+
+    def buckets(self, idx: Sequence[int], pad_id: int, max_rows: int,
+                max_tokens: Optional[int] = None) -> list[Batch]:
+        """`batch(idx)` cut into micro-batches of similar length, each padded only to its own
+        longest row (Batch.buckets: the same loss and gradient as batch(idx).split(max_rows))."""
+        return self.batch(idx, pad_id).buckets(max_rows, max_tokens)
 
 
 def encode_conversations(path, tok, cfg, limit: Optional[int] = None, with_images: bool = True,
@@ -261,3 +324,10 @@ class PRMExamples:
         px = self.images[list(idx)].float().div_(255.0)
         lab, mask = labels_at([self.pos[i] for i in idx], [self.labels[i] for i in idx], ids.shape[1])
         return Batch(ids, am, torch.zeros_like(ids), px), lab, mask
+
+    def buckets(self, idx: Sequence[int], pad_id: int, max_rows: int,
+                max_tokens: Optional[int] = None) -> list[tuple[Batch, torch.Tensor, torch.Tensor]]:
+        """`batch(idx)` cut into micro-batches of similar length (Batch.buckets): a list of
+        (Batch, labels [b, t], tag mask [b, t]), each padded only to its own longest row."""
+        b, lab, mask = self.batch(idx, pad_id)
+        return [(b.take(rows, n), lab[rows, :n], mask[rows, :n]) for rows, n in b.groups(max_rows, max_tokens)]

@@ -1,11 +1,16 @@
 """Batched sampling with a KV cache.
 
     prompts (B token lists, different lengths)
-      -> left-pad to [B, Tp], positions count real tokens only
-      -> prefill once, then expand the cache to B * G rows (G samples per prompt, rows b*G .. b*G+G-1)
-      -> decode token by token; each row stops on its own at a stop id (<|im_end|>, EOS) or at
-         max_new_tokens; finished rows are fed padding and masked, and the loop ends when all rows
-         have stopped.
+      -> left-pad to [B, Tp], positions count real tokens only (equal lengths: no mask at all)
+      -> prefill once (vision tower included), then expand the cache to B * G rows (G samples per
+         prompt, rows b*G .. b*G+G-1): shared-prefix sampling for every caller of num_samples
+      -> decode token by token, the logits of the last position only; each row stops on its own
+         at a stop id (<|im_end|>, EOS) or at max_new_tokens. A stopped row is decoded on with its
+         own tokens (cheaper than masking it; rows never see each other) until every row has
+         stopped, and everything after its stop token is replaced at the end (cut_at_stop).
+         Per step: no mask rebuilt (a preallocated key mask is sliced, and only for ragged
+         prompts), positions read from a precomputed table, no host sync except the all-stopped
+         test (every STOP_CHECK_EVERY steps on an accelerator).
 
 Returns, per row: the new tokens (padded with pad_id after the stop token), each sampled token's
 log-probability under the temperature-scaled distribution log_softmax(logits / T) (before top-p
@@ -16,11 +21,13 @@ placeholder would have no pixels behind it); log-probs are over the remaining vo
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from ursa.lm import constant_weights
 from ursa.model import URSAModel
 
 
@@ -69,52 +76,120 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
+# A host sync (reading "have all rows stopped?") stalls an accelerator's queue; there the check runs
+# every STOP_CHECK_EVERY steps (rows that stopped in between are decoded on and their extra tokens
+# dropped, so the result is the same). On a CPU the check is free and runs every step.
+STOP_CHECK_EVERY = 8
+
+
+def stop_check_every(device: torch.device) -> int:
+    """Decoding steps between two all-stopped checks: 1 on a CPU, STOP_CHECK_EVERY elsewhere."""
+    return 1 if device.type == "cpu" else STOP_CHECK_EVERY
+
+
+def is_sharded(model) -> bool:
+    """Whether any part of the model is FSDP-sharded (its weights exist only inside its forward).
+    Nothing is sharded before torch.distributed.fsdp is imported, so that import is never paid here."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return False
+    return any(isinstance(m, fsdp.FSDPModule) for m in model.modules())
+
+
+def cut_at_stop(tokens: torch.Tensor, logprobs: torch.Tensor, stop: torch.Tensor, pad_id: int):
+    """Cut every row after its first stop id. tokens/logprobs [N, L] (modified in place: pad_id and
+    0 after the stop token) -> (lengths [N] incl. the stop token, L where none, stopped [N] bool)."""
+    N, L = tokens.shape
+    hit = torch.isin(tokens, stop) if stop.numel() else torch.zeros_like(tokens, dtype=torch.bool)
+    stopped = hit.any(1)                                                       # [N]
+    first = hit.long().argmax(1)                                               # first stop (0 if none)
+    lengths = torch.where(stopped, first + 1, torch.full_like(first, L))       # [N]
+    after = torch.arange(L, device=tokens.device)[None, :] >= lengths[:, None]  # [N, L]
+    tokens.masked_fill_(after, pad_id)
+    logprobs.masked_fill_(after, 0.0)
+    return lengths, stopped
+
+
 @torch.no_grad()
 def generate(model: URSAModel, prompts: Sequence[Sequence[int]], pixel_values=None, *,
              num_samples: int = 1, max_new_tokens: int = 128, temperature: float = 0.0,
              top_p: float = 1.0, stop_ids: Sequence[int] = (), pad_id: int = 0,
              generator: Optional[torch.Generator] = None) -> Generation:
     """Sample num_samples continuations of every prompt. pixel_values: [B, 3, S, S] (one image per
-    prompt, for prompts that hold <|image|> positions) or None."""
+    prompt, for prompts that hold <|image|> positions) or None.
+
+    Each prompt is prefilled once (vision tower included) and its cache rows copied to its
+    num_samples rows. Prompts of equal length need no mask at all. A row that has stopped is decoded
+    on (cheaper than masking it) until every row has stopped; its tokens after the stop are
+    replaced by pad_id at the end, so rows never influence each other."""
     was_training = model.training
     model.eval()
-    B, G = len(prompts), num_samples
+    try:
+        with constant_weights():
+            return _generate(model, prompts, pixel_values, num_samples, max_new_tokens, temperature,
+                             top_p, stop_ids, pad_id, generator)
+    finally:
+        if was_training:
+            model.train()
+
+
+def _generate(model, prompts, pixel_values, G, max_new_tokens, temperature, top_p, stop_ids, pad_id,
+              generator) -> Generation:
+    B = len(prompts)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     ids, mask = left_pad(prompts, pad_id)
+    padded = len({len(p) for p in prompts}) > 1
+    lm = model.language_model
     dev = next(model.parameters()).device
     ids, mask = ids.to(dev), mask.to(dev)
-    cache = model.new_cache(B, ids.shape[1] + max_new_tokens)
-    out = model(ids, pixel_values, attention_mask=mask, cache=cache)           # prefill
+    Tp = ids.shape[1]
+    cache = model.new_cache(B, Tp + max_new_tokens)
+    sharded = is_sharded(model)
+    out = model(ids, pixel_values, attention_mask=mask if padded else None, cache=cache, logits=sharded)
+    last = (out.logits[:, -1] if sharded else lm.head(out.hidden[:, -1])).float()   # [B, V] (prefill)
     ban = model.cfg.image_token_id
-    last = out.logits[:, -1].float()                                           # [B, V]
     last[:, ban] = float("-inf")
+    N = B * G
+    real = mask.sum(1)                                                         # [B] real prompt tokens
     if G > 1:
         cache.repeat_interleave(G)
-        mask = mask.repeat_interleave(G, dim=0)                                # [B*G, Tp]
-        last = last.repeat_interleave(G, dim=0)                                # [B*G, V]
-    N = B * G
+        last = last.repeat_interleave(G, dim=0)                                # [N, V]
+        mask, real = mask.repeat_interleave(G, dim=0), real.repeat_interleave(G)
+    # every key a step can see: the prompt's real tokens, then every new token (a stopped row's
+    # later tokens are dropped at the end, so they may stay visible to that row)
+    keys = None
+    if padded:
+        keys = torch.ones((N, Tp + max_new_tokens), dtype=torch.bool, device=dev)
+        keys[:, :Tp] = mask.bool()
+    positions = real[:, None] + torch.arange(max_new_tokens, device=dev)       # [N, L] new tokens' positions
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
-    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((N, max_new_tokens), device=dev)
-    lengths = torch.full((N,), max_new_tokens, dtype=torch.long, device=dev)
-    done = torch.zeros(N, dtype=torch.bool, device=dev)
     stopped = torch.zeros(N, dtype=torch.bool, device=dev)
+    every = stop_check_every(dev)
+    toks, lps = [], []
     for t in range(max_new_tokens):
         tok, lp = sample_next(last, temperature, top_p, generator)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
-        tokens[:, t] = tok
-        logprobs[:, t] = torch.where(done, torch.zeros_like(lp), lp)
-        hit = (~done) & torch.isin(tok, stop)
-        lengths = torch.where(hit, torch.full_like(lengths, t + 1), lengths)
-        stopped |= hit
-        done |= hit
-        if bool(done.all()) or t == max_new_tokens - 1:
+        toks.append(tok)
+        lps.append(lp)
+        if t == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, (~done).long()[:, None]], dim=1)               # [N, Tp + t + 1]
-        out = model(tok[:, None], attention_mask=mask, cache=cache)
-        last = out.logits[:, -1].float()
+        if stop.numel():
+            stopped |= torch.isin(tok, stop)
+            if (t + 1) % every == 0 and bool(stopped.all()):
+                break
+        am = None if keys is None else keys[:, :Tp + t + 1]                    # [N, Tp + t + 1]
+        pos = positions[:, t:t + 1]
+        if sharded:                     # through the root module: its hooks gather the root weights
+            last = model(tok[:, None], attention_mask=am, position_ids=pos, cache=cache).logits[:, -1].float()
+        else:                           # the decoder alone: no image merge (and its host sync) per token
+            h = lm(lm.model.embed_tokens(tok[:, None]), attention_mask=am, position_ids=pos, cache=cache)
+            last = lm.head(h[:, -1]).float()                                   # [N, V]
         last[:, ban] = float("-inf")
-    if was_training:
-        model.train()
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    logprobs = torch.zeros((N, max_new_tokens), device=dev)
+    tokens[:, :len(toks)] = torch.stack(toks, 1)
+    logprobs[:, :len(lps)] = torch.stack(lps, 1)
+    lengths, stopped = cut_at_stop(tokens, logprobs, stop, pad_id)
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
     return Generation(tokens, logprobs, lengths, reasons,
                       torch.arange(B, device=dev).repeat_interleave(G))

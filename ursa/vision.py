@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ursa.config import SamConfig, ViTConfig, VisionConfig
+from ursa.lm import compute_dtype, fast_path, matmul_attention
 
 
 # ---- small shared pieces ---------------------------------------------------------------------
@@ -89,7 +90,10 @@ class SiglipAttention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)  # [B, N, 3, H, hd]
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)                           # 3 x [B, H, N, hd]
-        x = F.scaled_dot_product_attention(q, k, v)                               # [B, H, N, hd]
+        if fast_path(x.device, compute_dtype(x), N, N, B).kernel == "matmul":   # the decoder's rule
+            x = matmul_attention(q, k, v)                                         # [B, H, N, hd]
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)                           # [B, H, N, hd]
         x = x.transpose(1, 2).reshape(B, N, D)                                    # [B, N, D]
         return self.proj(x)
 

@@ -58,8 +58,8 @@ from ursa.results import (evaluate_ablation, evaluate_prm_ablation, evaluate_rec
 from ursa.tokenizer import Tokenizer
 from ursa.recipe import GRPOSettings, LabelSettings, Recipe, quick_recipe  # noqa: F401 (the CLI's recipes)
 from ursa.toydata import world_tokenizer, write_world
-from ursa.trainer import (Opt, Runtime, TrainingError, order, set_trainable, stage_done, train_loop,
-                          with_epochs, write_result)
+from ursa.trainer import (Opt, Runtime, TrainingError, isolated_tokens_per_s, order, set_trainable, stage_done,
+                          train_loop, with_epochs, write_result)
 
 SEED_STRIDE = 1_000_003        # a prime: per-batch generators of different seeds never coincide
 RANK_STRIDE = 7_919            # ... nor those of different ranks
@@ -83,20 +83,37 @@ def model_config(recipe: Recipe, tok: Tokenizer) -> ModelConfig:
 
 
 def lm_step_fn(model: URSAModel, data: ExampleSet, opt: Opt, pad_id: int, rt: Runtime):
-    """Eq. 1 (next-token cross-entropy on the response), normalised by the step's target count."""
-    def step_fn(step):
-        batch = data.batch(rt.rows(order(len(data), step, opt.batch_size, opt.seed)), pad_id)
+    """Eq. 1 (next-token cross-entropy on the response), normalised by the step's target count;
+    micro-batches of similar length (Batch.buckets: less padding, the same gradient).
+    step_fn.run(batch) is the forward + backward alone (the isolated-step reference)."""
+    def run(batch) -> float:
         n = dist.global_count(batch.num_targets())
         total = 0.0
-        for mb in dist.accumulate(model, batch.split(opt.micro_batch), rt.no_sync):
+        for mb in dist.accumulate(model, batch.buckets(opt.micro_batch), rt.no_sync):
             ids, px, am, lm = rt.to(mb.input_ids, mb.pixel_values, mb.attention_mask, mb.loss_mask)
             with rt.autocast(opt.bf16):
                 out = model(ids, px, attention_mask=am)
             loss, _ = next_token_loss(out.logits, ids, lm, num_targets=n)
             loss.backward()
             total += loss.item()
-        return {"loss": total, "tokens": batch.num_tokens()}
+        return total
+
+    def step_fn(step):
+        batch = step_fn.batch(step)
+        return {"loss": run(batch), "tokens": batch.num_tokens()}
+
+    step_fn.batch = lambda step: data.batch(rt.rows(order(len(data), step, opt.batch_size, opt.seed)), pad_id)
+    step_fn.run = run
     return step_fn
+
+
+def isolated(model, step_fn, rt: Runtime) -> Optional[float]:
+    """The isolated-step reference of an LM-style stage (None under FSDP: its steps are collectives)."""
+    if rt.dist is not None:
+        return None
+    b = step_fn.batch(0)
+    return isolated_tokens_per_s(lambda: step_fn.run(b), b.num_tokens(),
+                                 [p for p in model.parameters() if p.requires_grad])
 
 
 # =============================================================================================
@@ -126,9 +143,10 @@ class AttributeHeads(nn.Module):
 
 
 def stage_pretrain(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after=None, quiet=False, force=False):
-    """Toy stand-in for downloading Qwen2.5 and SigLIP: the LM on text-only problems (and caption
-    text), the vision tower on predicting the scene's facts and each patch's (ursa.world.attributes,
-    patch_attributes). Both trained in one loop."""
+    """Toy stand-in for downloading a pretrained Qwen2.5 and SigLIP, in one loop of three losses:
+    the LM on text-only problems (the facts in words), the whole model on image captions (the
+    vision tower learns to see what the captions say, as SigLIP learned from image-text pairs), and
+    the vision tower on the scene's and each patch's facts (ursa.world.attributes, patch_attributes)."""
     sd, opt, data_dir = run / "pretrain", recipe.pretrain, Path(recipe.data_dir)
     if stage_done(sd):
         return
@@ -138,37 +156,39 @@ def stage_pretrain(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_
     for r in read_jsonl(data_dir / "text.jsonl", required=("text_question", "solution")):
         i, m = tok.encode_conversation(r["text_question"], r["solution"], image=False)
         ids.append(i), masks.append(m)
-    caps = read_jsonl(data_dir / "captions.jsonl", required=("conversations", "attributes", "patch_attributes"))
-    for r in caps:
-        u, a, _ = conversation_turns(r)
-        i, m = tok.encode_conversation(u, a, image=False)        # caption text, so alignment has words to reach
-        ids.append(i), masks.append(m)
     text = ExampleSet(ids, masks, None)
-    imgs = load_images_u8(caps, data_dir, model.cfg.vision)
+    caps = read_jsonl(data_dir / "captions.jsonl", required=("conversations", "attributes", "patch_attributes"))
+    captions = encode_conversations(data_dir / "captions.jsonl", tok, model.cfg)            # with their images
     scene_y = torch.tensor([r["attributes"] for r in caps], dtype=torch.long)          # [N, slots]
     patch_y = torch.tensor([r["patch_attributes"] for r in caps], dtype=torch.long)    # [N, P, slots]
     if patch_y.shape[1] != world.PATCH_GRID ** 2:
         raise DataError(f"{data_dir / 'captions.jsonl'}: {patch_y.shape[1]} patch attributes per image, expected "
                         f"{world.PATCH_GRID ** 2}")
     head = AttributeHeads(model.cfg.vision.num_tokens, model.cfg.vision.out_dims[0], world.NUM_ATTR_VALUES).to(rt.device)
-    set_trainable(model, ("vision_model", "language_model"))
-    lm_fn = lm_step_fn(model, text, opt, tok.pad_id, rt)
+    set_trainable(model, ("vision_model", "aligner", "language_model"))
+    text_fn = lm_step_fn(model, text, opt, tok.pad_id, rt)
+    caption_fn = lm_step_fn(model, captions, replace(opt, seed=opt.seed + 1), tok.pad_id, rt)
 
     def step_fn(step):
-        m = lm_fn(step)
-        idx = order(len(caps), step, opt.batch_size, opt.seed + 1)
-        px, ys, yp = rt.to(imgs[idx].float() / 255.0, scene_y[idx], patch_y[idx])
+        t, c = text_fn(step), caption_fn(step)
+        idx = order(len(caps), step, opt.batch_size, opt.seed + 2)
+        px, ys, yp = rt.to(captions.images[idx].float() / 255.0, scene_y[idx], patch_y[idx])
         with rt.autocast(opt.bf16):
             scene, patch = head(model.vision_model(px)[0])
         vloss = (nn.functional.cross_entropy(scene.float().flatten(0, 1), ys.flatten())
                  + nn.functional.cross_entropy(patch.float().flatten(0, 2), yp.flatten()))
         vloss.backward()
-        return {"loss": m["loss"] + vloss.item(), "lm_loss": m["loss"], "vit_loss": vloss.item(),
-                "vit_scene_acc": (scene.argmax(-1) == ys).all(-1).float().mean().item(),
-                "vit_patch_acc": (patch.argmax(-1) == yp).float().mean().item(), "tokens": m["tokens"]}
+        return {"loss": t["loss"] + c["loss"] + vloss.item(), "lm_loss": t["loss"], "caption_loss": c["loss"],
+                "vit_loss": vloss.item(), "vit_scene_acc": (scene.argmax(-1) == ys).all(-1).float().mean().item(),
+                "vit_patch_acc": (patch.argmax(-1) == yp).float().mean().item(), "tokens": t["tokens"] + c["tokens"]}
 
+    iso = None
+    if rt.dist is None:
+        bt, bc = text_fn.batch(0), caption_fn.batch(0)
+        iso = isolated_tokens_per_s(lambda: (text_fn.run(bt), caption_fn.run(bc)), bt.num_tokens() + bc.num_tokens(),
+                                    [p for p in model.parameters() if p.requires_grad])
     if train_loop(sd, "pretrain", {"model": model, "head": head}, opt, step_fn, rt, stop_after=stop_after,
-                  quiet=quiet, force=force):
+                  quiet=quiet, force=force, isolated_tok_s=iso):
         write_result(sd, model, {"stage": "pretrain"}, rt)
 
 
@@ -183,8 +203,9 @@ def _stage_lm(run: Path, stage: str, prev: str, recipe: Recipe, tok: Tokenizer, 
                                 tok, model.cfg, max_len=recipe.max_len)
     opt = with_epochs(opt, len(data), opt.batch_size)
     set_trainable(model, parts)
-    if train_loop(sd, stage, {"model": model}, opt, lm_step_fn(model, data, opt, tok.pad_id, rt), rt,
-                  stop_after=stop_after, quiet=quiet, force=force):
+    step_fn = lm_step_fn(model, data, opt, tok.pad_id, rt)
+    if train_loop(sd, stage, {"model": model}, opt, step_fn, rt, stop_after=stop_after, quiet=quiet, force=force,
+                  isolated_tok_s=isolated(model, step_fn, rt)):
         write_result(sd, model, {"stage": stage, "trained": list(parts)}, rt)
 
 
@@ -246,22 +267,34 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
     set_trainable(model, ("language_model", "score"))
     opt = with_epochs(opt, len(train_data), opt.batch_size)
 
-    def step_fn(step):
-        b, lab, mask = train_data.batch(rt.rows(order(len(train_data), step, opt.batch_size, opt.seed)), tok.pad_id)
-        n_tags = dist.global_count(int(mask.sum()))        # the whole step's tags, before micro-batching
+    def run(parts) -> tuple[float, float]:
+        n_local = sum(int(mk.sum()) for _, _, mk in parts)
+        n_tags = dist.global_count(n_local)                # the whole step's tags, before micro-batching
         tot, acc = 0.0, 0.0
-        slices = [slice(s, s + opt.micro_batch) for s in range(0, b.input_ids.shape[0], opt.micro_batch)]
-        for sl in dist.accumulate(model, slices, rt.no_sync):
-            ids, px, am, lb, mk = rt.to(b.input_ids[sl], b.pixel_values[sl], b.attention_mask[sl], lab[sl], mask[sl])
+        for b, lb, mk in dist.accumulate(model, parts, rt.no_sync):
+            ids, px, am, lb, mk = rt.to(b.input_ids, b.pixel_values, b.attention_mask, lb, mk)
             with rt.autocast(opt.bf16):
                 v = model(ids, px, attention_mask=am, logits=False, values=True).values
             loss, m = prm_loss(v.float(), lb, mk, num_tags=n_tags)
             loss.backward()
             tot += loss.item()
-            acc += m["step_acc"] * int(mask[sl].sum()) if m["num_tags"] else 0.0
-        return {"loss": tot, "step_acc": acc / max(1, int(mask.sum())), "tokens": b.num_tokens()}
+            acc += m["step_acc"] * m["num_tags"] if m["num_tags"] else 0.0
+        return tot, acc / max(1, n_local)
 
-    if train_loop(sd, "prm", {"model": model}, opt, step_fn, rt, stop_after=stop_after, quiet=quiet, force=force):
+    def parts_of(step):
+        return train_data.buckets(rt.rows(order(len(train_data), step, opt.batch_size, opt.seed)), tok.pad_id,
+                                  opt.micro_batch)
+
+    def step_fn(step):
+        parts = parts_of(step)
+        loss, acc = run(parts)
+        return {"loss": loss, "step_acc": acc, "tokens": sum(b.num_tokens() for b, _, _ in parts)}
+
+    p0 = parts_of(0)
+    iso = None if rt.dist is not None else isolated_tokens_per_s(
+        lambda: run(p0), sum(b.num_tokens() for b, _, _ in p0), [p for p in model.parameters() if p.requires_grad])
+    if train_loop(sd, "prm", {"model": model}, opt, step_fn, rt, stop_after=stop_after, quiet=quiet, force=force,
+                  isolated_tok_s=iso):
         met = prm_label_metrics(model, held_data, tok.pad_id) if held_data is not None else {}
         if not quiet and met and rt.is_main:
             print(f"[prm] held-out: step acc {met['step_acc']:.3f} | AUC {met['auc']:.3f} | first-error acc "
@@ -291,14 +324,16 @@ def rl_prompts(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, quiet=Fal
         s = sample(policy, tok, recs, rl_file(recipe).parent, n=S.filter_samples, temperature=1.0,
                    max_new_tokens=recipe.max_new_tokens, seed=RL_FILTER_SEED, quiet=quiet)
         keep = mixed_groups(torch.tensor(s.correct, dtype=torch.bool)).tolist()          # [B]
-        write_json(path, {"candidates": len(recs), "samples": S.filter_samples,
+        write_json(path, {"candidates": len(recs), "samples": S.filter_samples, "speed": s.speed,
                           "right": {r["id"]: sum(c) for r, c in zip(recs, s.correct)},
                           "keep": [r["id"] for r, k in zip(recs, keep) if k]})
     info = read_json(path, "RL prompt cache")
     if not quiet:
         right = list(info["right"].values())
+        speed = info.get("speed") or {}
         print(f"[grpo] RL prompts: {len(info['keep'])} of {len(recs)} kept ({right.count(info['samples'])} "
-              f"always right, {right.count(0)} always wrong dropped)")
+              f"always right, {right.count(0)} always wrong dropped; sampled at "
+              f"{speed.get('completions_s', 0):.0f} completions/s, {speed.get('new_tokens_s', 0):.0f} new tokens/s)")
     keep = set(info["keep"])
     return [r for r in recs if r["id"] in keep]
 
@@ -382,11 +417,13 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_afte
         px_rows = px.repeat_interleave(G, dim=0)                                                     # [R, 3, S, S]
         ref_lp = _logprobs(ref, ids, am, px_rows, T, opt.micro_batch, rt, opt.bf16)
         old_lp = _logprobs(policy, ids, am, px_rows, T, opt.micro_batch, rt, opt.bf16) if E > 1 else None
+        t_gen = time.time() - t0
         deltas = [drop_moment(sc) for sc, c in zip(scores, correct.tolist()) if c]
         stats = {"reward": rw.mean().item(), "acc": correct.float().mean().item(),
                  "resp_len": sum(map(len, rows)) / R, "n_steps": sum(len(split_steps(t)[0]) for t in texts) / R,
                  "drop_rate": sum(d >= S.rho for d in deltas) / max(1, len(deltas)),
-                 "mixed": float(mixed_groups(correct.view(-1, G)).float().mean()), "sample_s": time.time() - t0}
+                 "mixed": float(mixed_groups(correct.view(-1, G)).float().mean()), "sample_s": time.time() - t0,
+                 "rollout_tok_s": sum(map(len, rows)) / max(t_gen, 1e-9), "completions_s": R / max(t_gen, 1e-9)}
         return {"b": b, "ids": ids, "am": am, "mask": mask, "px": px_rows, "adv": adv, "ref_lp": ref_lp,
                 "old_lp": old_lp, "stats": stats}
 

@@ -66,7 +66,8 @@ class PolicyCompleter:
         self.model, self.tok, self.base = model, tok, Path(base)
         self.temperature, self.top_p, self.max_new = temperature, top_p, max_new_tokens
         self.batch_size, self.generator = batch_size, generator
-        self.spent = 0
+        self.spent = 0                   # completions sampled (probes and first samples)
+        self.new_tokens = 0
         self._px: dict = {}
 
     def pixels(self, item) -> torch.Tensor:
@@ -78,10 +79,11 @@ class PolicyCompleter:
         prompts = [self.tok.encode_prompt(it["question"], True, self.model.cfg.vision.num_tokens,
                                           assistant_prefix=p) for it, p in zip(items, prefixes)]
         px = torch.stack([self.pixels(it) for it in items])
-        texts, _ = sample_texts(self.model, self.tok, prompts, px, num_samples=n,
-                                batch_size=max(1, self.batch_size // n), max_new_tokens=self.max_new,
-                                temperature=self.temperature if temperature is None else temperature,
-                                top_p=self.top_p if top_p is None else top_p, generator=self.generator)
+        texts, gens = sample_texts(self.model, self.tok, prompts, px, num_samples=n,
+                                   batch_size=max(1, self.batch_size // n), max_new_tokens=self.max_new,
+                                   temperature=self.temperature if temperature is None else temperature,
+                                   top_p=self.top_p if top_p is None else top_p, generator=self.generator)
+        self.new_tokens += sum(int(g.lengths.sum()) for g in gens)
         return texts
 
     def __call__(self, requests, n) -> list[list[bool]]:
@@ -148,7 +150,7 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
     n_chunks = (len(items) + chunk - 1) // chunk
     bar = tqdm(total=len(items), initial=min(len(items), stats["chunks"] * chunk), desc="label",
                disable=not progress, dynamic_ncols=True)
-    t0, spent0 = time.time(), 0
+    t0, spent0, tokens0 = time.time(), 0, 0
     for c in range(stats["chunks"], n_chunks):
         rng = random.Random(seed * SEED_STRIDE + c)
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * SEED_STRIDE + c)
@@ -212,9 +214,12 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
             os.fsync(f.fileno())
         stats["chunks"], stats["bytes"], stats["problems"] = c + 1, out.stat().st_size, stats["problems"] + len(part)
         io.write_json(prog_path, stats)
-        spent0 += pol.spent + len(part) * k_samples
+        spent0, tokens0 = spent0 + pol.spent + len(part) * k_samples, tokens0 + pol.new_tokens
+        dt = max(time.time() - t0, 1e-9)
+        stats["speed"] = {"completions_s": spent0 / dt, "new_tokens_s": tokens0 / dt}
+        io.write_json(prog_path, stats)
         bar.update(len(part))
-        bar.set_postfix(completions_s=f"{spent0 / max(time.time() - t0, 1e-9):.0f}")
+        bar.set_postfix(completions_s=f"{spent0 / dt:.0f}", new_tok_s=f"{tokens0 / dt:.0f}")
     bar.close()
     return stats
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -111,10 +112,12 @@ def gold(rec: dict) -> tuple[str, Optional[list]]:
 
 @dataclass
 class Samples:
-    """n responses per record and their verdicts: responses[i][j], extracted[i][j], correct[i][j]."""
+    """n responses per record and their verdicts: responses[i][j], extracted[i][j], correct[i][j];
+    when sampled here, `speed` = {"completions_s", "new_tokens_s", "seconds"} of the sampling."""
     responses: list
     extracted: list
     correct: list
+    speed: Optional[dict] = None
 
     @property
     def n(self) -> int:
@@ -161,11 +164,16 @@ def sample(model, tok, records, base: Path, n: int = 1, temperature: float = 0.0
     prompts = prompts_for(records, tok, model.cfg)
     g = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     bar = tqdm(total=len(records) * n, desc=f"sample x{n}", disable=quiet, leave=False)
-    texts, _ = sample_texts(model, tok, prompts, px, num_samples=n, batch_size=max(1, batch_size // n),
-                            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                            generator=g, progress=bar)
+    t0 = time.perf_counter()
+    texts, gens = sample_texts(model, tok, prompts, px, num_samples=n, batch_size=max(1, batch_size // n),
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               generator=g, progress=bar)
+    dt = max(time.perf_counter() - t0, 1e-9)
     bar.close()
-    return judge_all(records, texts)
+    s = judge_all(records, texts)
+    s.speed = {"completions_s": len(records) * n / dt, "new_tokens_s": sum(int(x.lengths.sum()) for x in gens) / dt,
+               "seconds": dt}
+    return s
 
 
 def prm_scores(prm, tok, records, responses: list, pixels: torch.Tensor, batch_size: int = 64) -> list:

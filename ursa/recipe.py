@@ -14,6 +14,8 @@ from typing import Optional
 
 from ursa.trainer import Opt
 
+MICRO = 16      # rows per micro-batch: length-bucketed micro-batches of 16 pad least at the toy's lengths
+
 
 @dataclass
 class LabelSettings:
@@ -55,12 +57,12 @@ class Recipe:
     n_test: int = 500
     n_hard: int = 500
     vocab_size: int = 512
-    pretrain: Opt = field(default_factory=lambda: Opt(steps=250, lr=2e-3))
-    align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40))
-    sft: Opt = field(default_factory=lambda: Opt(steps=500, lr=1e-3))
+    pretrain: Opt = field(default_factory=lambda: Opt(steps=250, lr=2e-3, micro_batch=MICRO))
+    align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40, micro_batch=MICRO))
+    sft: Opt = field(default_factory=lambda: Opt(steps=500, lr=1e-3, micro_batch=MICRO))
     train_vision_in_sft: bool = True
     label: LabelSettings = field(default_factory=LabelSettings)
-    prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02))
+    prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02, micro_batch=MICRO))
     prm_heldout: float = 0.1
     grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=1e-4, weight_decay=0.0, warmup_ratio=0.05,
                                                   min_lr_ratio=1.0, log_every=1, ckpt_every=10))

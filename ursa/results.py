@@ -96,11 +96,12 @@ def _policy_eval(model, tok, test, hard, data: Path, recipe, prm, quiet: bool) -
     g_t = sample(model, tok, test, data, max_new_tokens=mx, pixels=px, quiet=quiet)
     g_h = sample(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
     out = {"test_greedy": acc_record(g_t.first_correct()), "hard_greedy": acc_record(g_h.first_correct()),
-           "test_greedy_by_family": by_family(test, g_t.first_correct())}
+           "test_greedy_by_family": by_family(test, g_t.first_correct()), "sampling": {"greedy": g_t.speed}}
     verdicts, extra = {"greedy": g_t.first_correct()}, {"greedy": g_t}
     if N > 1:
         s = sample(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, pixels=px, quiet=quiet)
         out["sample_acc_T1"] = s.sample_acc()
+        out["sampling"][f"{N}_samples_T1"] = s.speed
         extra["samples"] = s
         if prm is not None:
             extra["scores"] = prm_scores(prm, tok, test, s.responses, px)

@@ -266,6 +266,21 @@ def _check_same_settings(name: str, saved: dict, opt: Opt, force: bool):
                             f"continue with the new ones")
 
 
+def isolated_tokens_per_s(run_batch: Callable[[], None], tokens: int, params, repeats: int = 3) -> float:
+    """Real tokens/s of the stage's forward + backward alone on one already-built batch (no data
+    preparation, no optimizer step, no logging): the reference the loop's throughput is printed
+    against. The RNG is forked (dropout draws leave no trace) and the gradients are cleared."""
+    with torch.random.fork_rng(devices=[]):
+        run_batch()                                           # warm-up
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run_batch()
+        dt = time.perf_counter() - t0
+    for p in params:
+        p.grad = None
+    return tokens * repeats / max(dt, 1e-9)
+
+
 def _finite(x) -> bool:
     return math.isfinite(float(x))
 
@@ -307,7 +322,8 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
                rt: Optional[Runtime] = None, extra_state: Optional[Callable[[], dict]] = None,
                restore_extra: Optional[Callable[[dict], None]] = None, stop_after: Optional[int] = None,
                quiet: bool = False, force: bool = False,
-               resumable_at: Optional[Callable[[int], bool]] = None) -> bool:
+               resumable_at: Optional[Callable[[int], bool]] = None,
+               isolated_tok_s: Optional[float] = None) -> bool:
     """Run optimizer steps 0 .. opt.steps-1, resuming from stage_dir/resume if present.
 
     modules: every module whose state must survive a resume (the model, auxiliary heads).
@@ -315,6 +331,8 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
     resumable_at(k): whether a checkpoint may hold "k steps done" (default: any k); a stage whose
     steps share state that is not checkpointed (GRPO's rollout batch over several PPO epochs)
     restricts checkpoints, and early stops, to its boundaries.
+    isolated_tok_s: the stage's isolated-step throughput (isolated_tokens_per_s): each log line
+    then says how close the loop's real tokens/s comes to it ("loop_pct").
     Returns True when the stage finished, False when it stopped early."""
     rt = rt or Runtime()
     opt.check(f"[{name}]")
@@ -371,12 +389,14 @@ def train_loop(stage_dir, name: str, modules: dict, opt: Opt, step_fn: Callable[
             dt = time.time() - t_log
             rec = {"step": step, "lr": round(lr_at(step, opt), 8), "grad_norm": round(float(gnorm), 4),
                    "tok_s": round(toks / max(dt, 1e-9), 1),
+                   **({"loop_pct": round(100 * toks / max(dt, 1e-9) / isolated_tok_s, 1)} if isolated_tok_s else {}),
                    **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in m.items()}}
             if rt.is_main:
                 io.append_jsonl(metrics_path, rec)
             if not quiet:
                 tqdm.write(f"[{name}] step {step:5d} | loss {m['loss']:.4f} | lr {rec['lr']:.2e} | "
-                           f"{rec['tok_s']:.0f} tok/s" + "".join(
+                           f"{rec['tok_s']:.0f} tok/s" + (f" ({rec['loop_pct']:.0f}% of the isolated step)"
+                                                          if "loop_pct" in rec else "") + "".join(
                                f" | {k} {v:.3f}" for k, v in m.items()
                                if k not in ("loss", "tokens") and isinstance(v, float)))
             t_log, toks = time.time(), 0

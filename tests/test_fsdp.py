@@ -197,3 +197,20 @@ def test_memory_plan_terms_by_hand():
     assert big["total"] < memory_plan(get_config("ursa-8b"), gpus=4, micro_batch=1, seq_len=4096)["total"]
     with pytest.raises(ValueError, match="trainable must be one of"):
         memory_plan(cfg, 2, 1, 8, trainable="vision")
+
+
+def test_a_changed_sharded_checkpoint_is_refused(runs, tmp_path):
+    """torch.distributed.checkpoint unpickles its metadata: a resume folder whose files differ from
+    the checksums written at save time is refused before anything is loaded."""
+    import shutil
+    from ursa.dist import verify_sharded
+    ck = tmp_path / "ckpt"
+    shutil.copytree(runs["out"] / "ckpt", ck)
+    assert verify_sharded(ck)["sha256"]                               # as written: accepted
+    meta = next(f for f in ck.iterdir() if f.name.endswith(".metadata"))
+    meta.write_bytes(meta.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="differ from the checksums"):
+        verify_sharded(ck)
+    (ck / "extra.bin").write_bytes(b"x")
+    with pytest.raises(ValueError, match="extra.bin"):
+        verify_sharded(ck)

@@ -433,10 +433,45 @@ def save_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer, state
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     save_file(tensors, str(_rank_file(tmp, _rank())))
     plain = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    barrier()                                    # every rank's files are complete
     if _rank() == 0:
-        io.write_json(tmp / STATE_NAME, {"world_size": _world(), "state": plain})
+        io.write_json(tmp / STATE_NAME, {"world_size": _world(), "state": plain, "sha256": _file_hashes(tmp)})
     barrier()
     _on_rank0(lambda: commit_dir(tmp, ckpt_dir))
+
+
+def _file_hashes(folder: Path) -> dict:
+    """{file name: sha256 hex} of every file in a checkpoint folder but its state file."""
+    import hashlib
+    out = {}
+    for f in sorted(folder.iterdir()):
+        if f.is_file() and f.name != STATE_NAME:
+            h = hashlib.sha256()
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+            out[f.name] = h.hexdigest()
+    return out
+
+
+def verify_sharded(ckpt_dir) -> dict:
+    """The checkpoint's state, after checking that its files are exactly those save_sharded wrote
+    (sha256 of each). torch.distributed.checkpoint unpickles its metadata, so a resume folder is
+    trusted like code: one that was changed, or was not written by save_sharded, is refused."""
+    ckpt_dir = Path(ckpt_dir)
+    meta_path = ckpt_dir / STATE_NAME
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no {STATE_NAME} (not a finished sharded checkpoint)")
+    meta = io.read_json(meta_path, "sharded checkpoint state")
+    want = meta.get("sha256")
+    if not isinstance(want, dict):
+        raise ValueError(f"{meta_path}: no file checksums; refusing to unpickle a checkpoint save_sharded did not write")
+    got = _file_hashes(ckpt_dir)
+    bad = sorted(set(want) ^ set(got) | {n for n in set(want) & set(got) if want[n] != got[n]})
+    if bad:
+        raise ValueError(f"{ckpt_dir}: files differ from the checksums written at save time ({', '.join(bad[:5])}); "
+                         f"refusing to load it (torch unpickles its metadata)")
+    return meta
 
 
 def load_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer) -> dict:
@@ -447,10 +482,7 @@ def load_sharded(ckpt_dir, model: nn.Module, optim: torch.optim.Optimizer) -> di
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     ckpt_dir = Path(ckpt_dir)
-    meta_path = ckpt_dir / STATE_NAME
-    if not meta_path.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no {STATE_NAME} (not a finished sharded checkpoint)")
-    meta = io.read_json(meta_path, "sharded checkpoint state")
+    meta = _on_rank0(lambda: verify_sharded(ckpt_dir)) or io.read_json(ckpt_dir / STATE_NAME, "sharded checkpoint state")
     msd, osd = get_state_dict(model, optim)
     sd = {"model": msd, "optim": osd}
     dcp.load(sd, checkpoint_id=str(ckpt_dir))

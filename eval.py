@@ -34,7 +34,7 @@ from ursa.benchmarks import format_report, read_records, rescore, write_verdicts
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
                            prm_diagnosis, prm_scores, problem_pixels, sample)
 from ursa.release import inspect_released, load_released
-from ursa.results import error_breakdown, oracle_verdicts, pct
+from ursa.results import error_breakdown, oracle_verdicts, pct, prm_quality
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
 
@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prm", help="PRM folder: adds PRM best-of-N (toy: N = 1, 2, 4, ..., --n)")
     p.add_argument("--prm-diagnosis", action="store_true", help="with --prm: scores of right vs wrong samples")
     p.add_argument("--oracle", action="store_true",
-                   help="toy test sets: where each greedy response first goes wrong, by the world's oracle")
+                   help="toy test sets: where each greedy response first goes wrong, and (with --prm) the "
+                        "PRM's step verdicts, against the world's oracle")
     p.add_argument("--how", default="mean", choices=("min", "mean", "last", "product"),
                    help="benchmark best-of-N aggregation of the step scores (Eq. 10: mean)")
     p.add_argument("--tag-rule", choices=("released", "strict"), default="released",
@@ -118,6 +119,11 @@ def run_toy(args):
         print(prm_diagnosis(recs, s, scores))
     else:
         print(format_best_of_n(best_of_n_table(recs, s, scores), g.first_correct()))
+    if args.oracle:
+        q = prm_quality(oracle_verdicts(recs, s), scores)
+        print(f"PRM against the oracle (ProcessBench-style): first error exact on {q['wrong']} wrong samples "
+              f"{100 * q['acc_wrong']:.1f}%, no error on {q['right']} right ones {100 * q['acc_right']:.1f}%, "
+              f"F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} ({q['unparsable']} unparsable)")
 
 
 def run_benchmark(args):

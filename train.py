@@ -38,13 +38,12 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn as nn
 
-from ursa import dist, world
+from ursa import dist
 from ursa.answer import judge
 from ursa.config import ModelConfig, get_config
 from ursa.data import (DataError, ExampleSet, PRMExamples, conversation_turns, encode_conversations,
-                       load_images_u8, next_token_loss, read_jsonl)
+                       next_token_loss, read_jsonl)
 from ursa.dualmath import dualmath_image_root, format_label_stats, label_dualmath, oracle_relabel
 from ursa.evaluate import gold, load_problems, prm_scores, problem_pixels, prompts_for, sample
 from ursa.generate import generate
@@ -52,6 +51,7 @@ from ursa.grpo import (REWARDS, drop_moment, mixed_groups, policy_loss, rollout_
                        rollout_rewards, token_logprobs, token_step_index, token_step_tensor)
 from ursa.io import read_json, write_json, write_text
 from ursa.model import URSAModel, init_weights
+from ursa.pretraining import PATCH_GRID, AttributeHeads
 from ursa.prm import prm_loss, split_steps
 from ursa.results import (evaluate_ablation, evaluate_prm_ablation, evaluate_recipe, prm_label_metrics,
                           split_by_problem)
@@ -120,33 +120,11 @@ def isolated(model, step_fn, rt: Runtime) -> Optional[float]:
 # Stage I: pretraining stand-in, alignment, SFT
 # =============================================================================================
 
-class AttributeHeads(nn.Module):
-    """Vision pretraining heads. Scene: all patch features -> one classifier per scene-attribute
-    slot (ursa.world.attributes). Patch: each patch feature -> one classifier per patch-attribute
-    slot (ursa.world.patch_attributes: the facts of the object in that patch)."""
-
-    def __init__(self, num_patches: int, width: int, values: int):
-        super().__init__()
-        self.values = values
-        self.scene = nn.Linear(num_patches * width, world.NUM_ATTR_SLOTS * values)
-        self.patch = nn.Linear(width, world.PATCH_SLOTS * values)
-
-    def forward(self, feats):                                      # feats [B, P, D], P = g * g patches
-        B, P, D = feats.shape
-        scene = self.scene(feats.flatten(1)).view(B, world.NUM_ATTR_SLOTS, self.values)    # [B, slots, values]
-        g, G = int(round(P ** 0.5)), world.PATCH_GRID
-        if g != G:          # another patch grid (a test preset): the world's 4 x 4 cells, nearest patch
-            grid = feats.transpose(1, 2).reshape(B, D, g, g)                                # [B, D, g, g]
-            feats = nn.functional.interpolate(grid, size=(G, G), mode="nearest").flatten(2).transpose(1, 2)
-        patch = self.patch(feats).view(B, G * G, world.PATCH_SLOTS, self.values)           # [B, 16, slots, values]
-        return scene, patch
-
-
 def stage_pretrain(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after=None, quiet=False, force=False):
     """Toy stand-in for downloading a pretrained Qwen2.5 and SigLIP, in one loop of three losses:
     the LM on text-only problems (the facts in words), the whole model on image captions (the
     vision tower learns to see what the captions say, as SigLIP learned from image-text pairs), and
-    the vision tower on the scene's and each patch's facts (ursa.world.attributes, patch_attributes)."""
+    the vision tower on the scene's and each patch's facts (ursa/pretraining.py)."""
     sd, opt, data_dir = run / "pretrain", recipe.pretrain, Path(recipe.data_dir)
     if stage_done(sd):
         return
@@ -156,36 +134,42 @@ def stage_pretrain(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_
     for r in read_jsonl(data_dir / "text.jsonl", required=("text_question", "solution")):
         i, m = tok.encode_conversation(r["text_question"], r["solution"], image=False)
         ids.append(i), masks.append(m)
-    text = ExampleSet(ids, masks, None)
     caps = read_jsonl(data_dir / "captions.jsonl", required=("conversations", "attributes", "patch_attributes"))
+    if not recipe.caption_pretraining:
+        for r in caps:
+            u, a, _ = conversation_turns(r)
+            i, m = tok.encode_conversation(u, a, image=False)
+            ids.append(i), masks.append(m)
+    text = ExampleSet(ids, masks, None)
     captions = encode_conversations(data_dir / "captions.jsonl", tok, model.cfg)            # with their images
     scene_y = torch.tensor([r["attributes"] for r in caps], dtype=torch.long)          # [N, slots]
     patch_y = torch.tensor([r["patch_attributes"] for r in caps], dtype=torch.long)    # [N, P, slots]
-    if patch_y.shape[1] != world.PATCH_GRID ** 2:
+    if patch_y.shape[1] != PATCH_GRID ** 2:
         raise DataError(f"{data_dir / 'captions.jsonl'}: {patch_y.shape[1]} patch attributes per image, expected "
-                        f"{world.PATCH_GRID ** 2}")
-    head = AttributeHeads(model.cfg.vision.num_tokens, model.cfg.vision.out_dims[0], world.NUM_ATTR_VALUES).to(rt.device)
+                        f"{PATCH_GRID ** 2}")
+    head = AttributeHeads(model.cfg.vision.num_tokens, model.cfg.vision.out_dims[0]).to(rt.device)
     set_trainable(model, ("vision_model", "aligner", "language_model"))
     text_fn = lm_step_fn(model, text, opt, tok.pad_id, rt)
     caption_fn = lm_step_fn(model, captions, replace(opt, seed=opt.seed + 1), tok.pad_id, rt)
 
     def step_fn(step):
-        t, c = text_fn(step), caption_fn(step)
+        t = text_fn(step)
+        c = caption_fn(step) if recipe.caption_pretraining else {"loss": 0.0, "tokens": 0}
         idx = order(len(caps), step, opt.batch_size, opt.seed + 2)
         px, ys, yp = rt.to(captions.images[idx].float() / 255.0, scene_y[idx], patch_y[idx])
         with rt.autocast(opt.bf16):
-            scene, patch = head(model.vision_model(px)[0])
-        vloss = (nn.functional.cross_entropy(scene.float().flatten(0, 1), ys.flatten())
-                 + nn.functional.cross_entropy(patch.float().flatten(0, 2), yp.flatten()))
+            vloss, scene_acc, patch_acc = head.loss(model.vision_model(px)[0], ys, yp)
         vloss.backward()
         return {"loss": t["loss"] + c["loss"] + vloss.item(), "lm_loss": t["loss"], "caption_loss": c["loss"],
-                "vit_loss": vloss.item(), "vit_scene_acc": (scene.argmax(-1) == ys).all(-1).float().mean().item(),
-                "vit_patch_acc": (patch.argmax(-1) == yp).float().mean().item(), "tokens": t["tokens"] + c["tokens"]}
+                "vit_loss": vloss.item(), "vit_scene_acc": scene_acc, "vit_patch_acc": patch_acc,
+                "tokens": t["tokens"] + c["tokens"]}
 
     iso = None
     if rt.dist is None:
         bt, bc = text_fn.batch(0), caption_fn.batch(0)
-        iso = isolated_tokens_per_s(lambda: (text_fn.run(bt), caption_fn.run(bc)), bt.num_tokens() + bc.num_tokens(),
+        cap = recipe.caption_pretraining
+        iso = isolated_tokens_per_s(lambda: (text_fn.run(bt), cap and caption_fn.run(bc)),
+                                    bt.num_tokens() + (bc.num_tokens() if cap else 0),
                                     [p for p in model.parameters() if p.requires_grad])
     if train_loop(sd, "pretrain", {"model": model, "head": head}, opt, step_fn, rt, stop_after=stop_after,
                   quiet=quiet, force=force, isolated_tok_s=iso):
@@ -235,7 +219,8 @@ def stage_label(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_aft
     L = recipe.label
     stats = label_dualmath(model, tok, Path(recipe.stage_data or Path(recipe.data_dir) / "cot_train.jsonl"), sd,
                            n_problems=L.n_problems, k_samples=L.k_samples, n_probe=L.n_probe,
-                           compare_mc=L.compare_mc, mie_kind=L.mie_kind, max_new_tokens=recipe.max_new_tokens,
+                           compare_mc=L.compare_mc, mie_kind=L.mie_kind, mie_per_problem=L.mie_per_problem,
+                           correct_ratio=L.correct_ratio, max_new_tokens=recipe.max_new_tokens,
                            progress=not quiet)
     report = format_label_stats(stats)
     if not quiet:
@@ -568,6 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--weight-decay", type=float, help="AdamW weight decay")
     o.add_argument("--fp32", action="store_true", help="no bf16 (autocast, or FSDP mixed precision)")
     o.add_argument("--max-len", type=int, help="truncate training sequences to this many tokens")
+    o.add_argument("--oracle-labels", action="store_true",
+                   help="prm: train on the toy world's true step labels instead of DualMath's (into <run>/prm-oracle)")
     g = p.add_argument_group("grpo")
     g.add_argument("--reward", choices=REWARDS, help="outcome (GRPO), ps (PS-GRPO, default), v1, v2 (Appendix B.1)")
     g.add_argument("--grpo-steps", type=int, help="GRPO optimizer steps")
@@ -611,7 +598,10 @@ def _main(args, rt: Runtime):
         elif args.stage == "ablation":
             run_ablation(recipe, run, rt)
         else:
-            run_stage(args.stage, run, recipe, rt, stop_after=args.stop_after, force=args.force)
+            kw = {"oracle": True} if args.oracle_labels else {}
+            if kw and args.stage != "prm":
+                raise TrainingError("--oracle-labels goes with the prm stage")
+            run_stage(args.stage, run, recipe, rt, stop_after=args.stop_after, force=args.force, **kw)
     except (ValueError, FileNotFoundError, PermissionError) as e:   # bad input: one line naming the file / record
         if rt.dist is not None:
             raise

@@ -17,7 +17,8 @@ from ursa import world  # noqa: E402
 from ursa import answer  # noqa: E402
 from ursa.oracle import OracleVerdict, oracle_steps, oracle_steps_of  # noqa: E402
 from ursa.mie import corrupt, corruption_kinds, slipped_values  # noqa: E402
-from ursa.world import (FAMILIES, NUM_ATTR_SLOTS, NUM_ATTR_VALUES, check, make_problem, make_problems)  # noqa: E402
+from ursa.pretraining import NUM_ATTR_SLOTS, NUM_ATTR_VALUES, attributes  # noqa: E402
+from ursa.world import FAMILIES, check, make_problem, make_problems  # noqa: E402
 from ursa.world import OPTION_LETTERS as LETTERS  # noqa: E402
 
 N = 150     # problems per split in the sweeps (cycling the families)
@@ -276,7 +277,7 @@ def test_image_matters():
 
 def test_attributes_fixed_length_and_range(problems):
     for p in _all(problems):
-        a = p.attributes
+        a = attributes(p.facts)
         assert len(a) == NUM_ATTR_SLOTS and all(isinstance(x, int) and 0 <= x < NUM_ATTR_VALUES for x in a)
         assert a[0] == FAMILIES.index(p.family)
         sc = p.facts["scene"]
@@ -422,7 +423,7 @@ def test_generation_and_perception_mie_are_frozen():
     h = hashlib.sha256()
     for split in ("train", "test", "hard"):
         for p in make_problems(60, split):
-            h.update(json.dumps(p.to_dict(), sort_keys=True).encode())
+            h.update(json.dumps({**p.to_dict(), "attributes": attributes(p.facts)}, sort_keys=True).encode())
             h.update(json.dumps(corrupt(p, random.Random(p.seed))).encode())
     assert h.hexdigest() == "372bcc4f68eeceb541c8b9584ba35e66949bcd06bd91bba9ed21d55e4472be94"
 
@@ -762,7 +763,7 @@ def test_oracle_never_raises_fuzz():
 
 
 def test_patch_attributes_by_hand():
-    from ursa.world import PATCH_SLOTS, patch_attributes
+    from ursa.pretraining import PATCH_SLOTS, patch_attributes
     shapes = {"family": "shapes", "scene": {"shapes": [[0, "circle", "red", 9, 0, 0], [5, "circle", "red", 9, 0, 0],
                                                        [6, "square", "blue", 9, 0, 0]]}}
     pa = patch_attributes(shapes)

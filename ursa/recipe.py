@@ -25,6 +25,8 @@ class LabelSettings:
     n_probe: int = 8            # completions per BEL probe (paper: 16)
     compare_mc: int = 60        # wrong solutions also labelled by per-step Monte Carlo
     mie_kind: str = "perception"
+    mie_per_problem: float = 0.5  # MIE records per labelled problem (the toy's MIE is free)
+    correct_ratio: float = 1 / 3  # "correct" records per BEL record (paper: about one third)
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Recipe:
     align: Opt = field(default_factory=lambda: Opt(steps=80, lr=1e-3, ckpt_every=40, micro_batch=MICRO))
     sft: Opt = field(default_factory=lambda: Opt(steps=500, lr=1e-3, micro_batch=MICRO))
     train_vision_in_sft: bool = True
+    caption_pretraining: bool = True  # pretrain: captions through the whole model (False: caption text to the LM only)
     label: LabelSettings = field(default_factory=LabelSettings)
     prm: Opt = field(default_factory=lambda: Opt(steps=150, lr=5e-4, weight_decay=0.02, micro_batch=MICRO))
     prm_heldout: float = 0.1

@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from ursa import io, world
 from ursa.data import conversation_turns, read_jsonl
+from ursa.pretraining import attributes, patch_attributes
 from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 
 SEED_STRIDE = 10_000_000        # problem seeds of --seed s start at s * SEED_STRIDE
@@ -53,7 +54,7 @@ def _caption_record(p: world.Problem, image: str) -> dict:
     return {"id": p.id, "image": image,
             "conversations": [{"from": "human", "value": "<image>\nDescribe the image."},
                               {"from": "gpt", "value": p.caption}],
-            "attributes": p.attributes, "patch_attributes": world.patch_attributes(p.facts)}
+            "attributes": attributes(p.facts), "patch_attributes": patch_attributes(p.facts)}
 
 
 def _cot_record(p: world.Problem, image: str) -> dict:

@@ -69,24 +69,6 @@ BAR_X0, BAR_PITCH, BAR_W = 2, 12, 8           # bar i spans x in [2 + 12i, 10 + 
                                               # patch column, so no patch mixes two bars' colours
 MAX_SHAPES = 16                               # one shape per cell of the 4x4 grid
 
-# Scene attributes for "vision pretraining" (one classifier per slot), the same layout length for
-# every family; slot 0 is the family id.
-#   shapes: 1-9  count of (colour, kind) for colour in SHAPE_COLOURS for kind in KINDS
-#   bars:   1-4  bar heights left to right (0 = no bar), 5-8 colour id + 1 (0 = no bar)
-#   grid:   1 width, 2 height, 3 cut width, 4 cut height (0 = no cut), 5 x0, 6 y0, 7 corner id + 1
-NUM_ATTR_SLOTS = 10
-NUM_ATTR_VALUES = MAX_SHAPES + 1
-
-# Patch attributes: the same facts per image patch (a 4x4 grid of 12-px cells = the tiny ViT's
-# patches, row-major), so that every patch token learns to carry the facts of ITS object, which the
-# language model then reads by attending to the right patch. Slot 0 is the family id.
-#   shapes: 1 the cell's shape (0 empty, 1 + 3 * colour + kind), 2 how many shapes of that colour
-#           and kind the image has, 3 how many of that kind (any colour), 4 how many shapes in all
-#   bars:   1 the colour id + 1 of the bar in the patch's column (0: none), 2 its height,
-#           3 its height rank (1 = tallest), 4 the number of bars
-#   grid:   1 width, 2 height, 3 cut width, 4 cut height (0 = no cut), in every patch
-PATCH_GRID = 4
-PATCH_SLOTS = 5
 
 
 @dataclass(frozen=True)
@@ -134,7 +116,6 @@ class Problem:
     facts: dict                         # JSON-serialisable: qtype, scene, given, readings, value
     caption: str
     text_question: str                  # the question with the image facts stated in words
-    attributes: list                    # NUM_ATTR_SLOTS ints in [0, NUM_ATTR_VALUES)
     image: Optional[Image.Image] = field(default=None, repr=False, compare=False)
 
     @property
@@ -166,7 +147,7 @@ def _join(items: list) -> str:
 
 # ---- readings: the facts a solution reads from the image, in step order -----------------------
 
-def _shape_counts(scene: dict) -> dict:
+def shape_counts(scene: dict) -> dict:
     """{(colour, kind): count} over the placed shapes."""
     c = {(col, k): 0 for col in SHAPE_COLOURS for k in KINDS}
     for _cell, kind, colour, *_ in scene["shapes"]:
@@ -178,7 +159,7 @@ def true_readings(facts: dict) -> list:
     """The correct readings [[key, value], ...] a solution states, in step order."""
     fam, q, scene, given = facts["family"], facts["qtype"], facts["scene"], facts["given"]
     if fam == "shapes":
-        c = _shape_counts(scene)
+        c = shape_counts(scene)
         if q == "total":
             return [[k, sum(c[(col, k)] for col in SHAPE_COLOURS)] for k in KINDS]
         return [[f"{col} {k}", c[(col, k)]] for col in given["colours"] for k in KINDS]
@@ -495,74 +476,11 @@ def _outline(x0: int, y0: int, w: int, h: int, cut: Optional[dict]) -> list:
             3: [(x0, y0), (x1, y0), (x1, y1), (x0 + cw, y1), (x0 + cw, y1 - ch), (x0, y1 - ch)]}[c]
 
 
-def attributes(facts: dict) -> list:
-    """The scene as NUM_ATTR_SLOTS small ints (slot layout in the module constants)."""
-    fam, scene = facts["family"], facts["scene"]
-    a = [FAMILIES.index(fam)]
-    if fam == "shapes":
-        c = _shape_counts(scene)
-        a += [c[(col, k)] for col in SHAPE_COLOURS for k in KINDS]
-    elif fam == "bars":
-        bars = scene["bars"] + [[None, 0]] * (4 - len(scene["bars"]))
-        a += [h for _, h in bars] + [0 if col is None else BAR_COLOURS.index(col) + 1 for col, _ in bars]
-    else:
-        cut = scene["cut"] or {"w": 0, "h": 0, "corner": -1}
-        a += [scene["w"], scene["h"], cut["w"], cut["h"], scene["x0"], scene["y0"], cut["corner"] + 1]
-    return a + [0] * (NUM_ATTR_SLOTS - len(a))
-
-
-def _column_bars(scene: dict) -> list:
-    """For each patch column c (48-px x in [12c, 12c + 12)), the index of the bar overlapping it
-    most (None: no bar). Bar i spans x in [BAR_X0 + BAR_PITCH i, BAR_X0 + BAR_PITCH i + BAR_W)."""
-    out = []
-    for c in range(PATCH_GRID):
-        lo, hi = 12 * c, 12 * c + 12
-        ov = [(min(hi, BAR_X0 + BAR_PITCH * i + BAR_W) - max(lo, BAR_X0 + BAR_PITCH * i), i)
-              for i in range(len(scene["bars"]))]
-        best = max(ov, default=(0, None))
-        out.append(best[1] if best[0] > 0 else None)
-    return out
-
-
-def patch_attributes(facts: dict) -> list:
-    """PATCH_GRID ** 2 lists of PATCH_SLOTS small ints (< NUM_ATTR_VALUES), one per image patch in
-    row-major order (slot layout in the module constants)."""
-    fam, scene = facts["family"], facts["scene"]
-    fam_id = FAMILIES.index(fam)
-    if fam == "grid":
-        cut = scene["cut"] or {"w": 0, "h": 0}
-        return [[fam_id, scene["w"], scene["h"], cut["w"], cut["h"]] for _ in range(PATCH_GRID ** 2)]
-    if fam == "shapes":
-        counts = _shape_counts(scene)
-        per_kind = {k: sum(counts[(c, k)] for c in SHAPE_COLOURS) for k in KINDS}
-        at = {cell: (colour, kind) for cell, kind, colour, *_ in scene["shapes"]}
-        out = []
-        for p in range(PATCH_GRID ** 2):
-            if p in at:
-                colour, kind = at[p]
-                out.append([fam_id, 1 + 3 * SHAPE_COLOURS.index(colour) + KINDS.index(kind),
-                            counts[(colour, kind)], per_kind[kind], len(scene["shapes"])])
-            else:
-                out.append([fam_id, 0, 0, 0, len(scene["shapes"])])
-        return out
-    heights = [h for _, h in scene["bars"]]
-    cols = _column_bars(scene)
-    out = []
-    for p in range(PATCH_GRID ** 2):
-        i = cols[p % PATCH_GRID]
-        if i is None:
-            out.append([fam_id, 0, 0, 0, len(heights)])
-        else:
-            colour, h = scene["bars"][i]
-            out.append([fam_id, BAR_COLOURS.index(colour) + 1, h, 1 + sum(x > h for x in heights), len(heights)])
-    return out
-
-
 def describe(facts: dict) -> str:
     """Caption in the words the perception steps use."""
     fam, scene = facts["family"], facts["scene"]
     if fam == "shapes":
-        c = _shape_counts(scene)
+        c = shape_counts(scene)
         return _join([_plural(n, f"{col} {k}") for (col, k), n in c.items() if n > 0]) + "."
     if fam == "bars":
         return "A bar chart: " + _join([f"the {col} bar is {h}" for col, h in scene["bars"]]) + "."
@@ -614,7 +532,7 @@ def make_problem(seed: int, split: str = "train", family: Optional[str] = None,
     return Problem(id=f"{split}-{family}-{seed}", family=family, split=split, seed=seed,
                    question=question, choices=choices, answer=answer, steps=steps,
                    perception_steps=per, facts=facts, caption=describe(facts), text_question=text_q,
-                   attributes=attributes(facts), image=draw(facts, image_size))
+                   image=draw(facts, image_size))
 
 
 def make_problems(n: int, split: str = "train", start: int = 0, image_size: int = IMAGE_SIZE) -> list:

@@ -115,10 +115,9 @@ def run_toy(args):
         return
     prm = load_model(args.prm, device=args.device).eval()
     scores = prm_scores(prm, tok, recs, s.responses, px)
+    print(format_best_of_n(best_of_n_table(recs, s, scores), g.first_correct()))
     if args.prm_diagnosis:
         print(prm_diagnosis(recs, s, scores))
-    else:
-        print(format_best_of_n(best_of_n_table(recs, s, scores), g.first_correct()))
     if args.oracle:
         q = prm_quality(oracle_verdicts(recs, s), scores)
         print(f"PRM against the oracle (ProcessBench-style): first error exact on {q['wrong']} wrong samples "

@@ -52,11 +52,11 @@ from ursa.grpo import (REWARDS, drop_moment, mixed_groups, policy_loss, rollout_
 from ursa.io import read_json, write_json, write_text
 from ursa.model import URSAModel, init_weights
 from ursa.pretraining import PATCH_GRID, AttributeHeads
-from ursa.prm import prm_loss, split_steps
+from ursa.prm import balance_weight, prm_loss, split_steps
 from ursa.results import (evaluate_ablation, evaluate_prm_ablation, evaluate_recipe, prm_label_metrics,
                           split_by_problem)
 from ursa.tokenizer import Tokenizer
-from ursa.recipe import GRPOSettings, LabelSettings, Recipe, quick_recipe  # noqa: F401 (the CLI's recipes)
+from ursa.recipe import GRPOSettings, LabelSettings, Recipe, apply_overrides, quick_recipe  # noqa: F401 (the CLI's recipes)
 from ursa.toydata import world_tokenizer, write_world
 from ursa.trainer import (Opt, Runtime, TrainingError, isolated_tokens_per_s, order, set_trainable, stage_done,
                           train_loop, with_epochs, write_result)
@@ -251,6 +251,7 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
     held_data = PRMExamples(held, tok, model.cfg, base, recipe.max_len) if held else None
     set_trainable(model, ("language_model", "score"))
     opt = with_epochs(opt, len(train_data), opt.batch_size)
+    pos_weight = balance_weight(train_data.labels) if recipe.prm_balance else 1.0
 
     def run(parts) -> tuple[float, float]:
         n_local = sum(int(mk.sum()) for _, _, mk in parts)
@@ -260,7 +261,7 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
             ids, px, am, lb, mk = rt.to(b.input_ids, b.pixel_values, b.attention_mask, lb, mk)
             with rt.autocast(opt.bf16):
                 v = model(ids, px, attention_mask=am, logits=False, values=True).values
-            loss, m = prm_loss(v.float(), lb, mk, num_tags=n_tags)
+            loss, m = prm_loss(v.float(), lb, mk, num_tags=n_tags, pos_weight=pos_weight)
             loss.backward()
             tot += loss.item()
             acc += m["step_acc"] * m["num_tags"] if m["num_tags"] else 0.0
@@ -285,7 +286,7 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
             print(f"[prm] held-out: step acc {met['step_acc']:.3f} | AUC {met['auc']:.3f} | first-error acc "
                   f"{met['first_error_acc']:.3f} | {met['steps']} steps in {met['solutions']} solutions")
         write_result(sd, model, {"stage": "prm", "labels": "oracle" if oracle else "dualmath", "heldout": met,
-                                 "train_records": len(train_recs)}, rt)
+                                 "train_records": len(train_recs), "pos_weight": pos_weight}, rt)
 
 
 # =============================================================================================
@@ -486,41 +487,6 @@ def run_ablation(recipe: Recipe, run: Path, rt: Runtime, quiet=False) -> dict:
     times.update({r: run_stage("grpo", run, recipe, rt, quiet=quiet, reward=r) for r in REWARDS})
     evaluate_prm_ablation(run, recipe, {"dualmath": "prm", "oracle": "prm-oracle"}, rt, quiet=quiet)
     return evaluate_ablation(run, recipe, {r: grpo_dir_name(r) for r in REWARDS}, times, rt, quiet=quiet)
-
-
-OVERRIDES = {"init": "init", "data": "stage_data", "prm": "prm_dir", "max_len": "max_len"}
-RL_OVERRIDES = {"prompts_per_step": "prompts", "group": "group", "temperature": "temperature",
-                "max_prompt_len": "max_prompt_len", "kl_coef": "kl_coef", "clip_eps": "clip_eps",
-                "ps_gamma": "gamma", "ps_rho": "rho", "gen_batch": "gen_batch", "ppo_epochs": "ppo_epochs",
-                "reward": "reward"}
-OPT_FLAGS = ("lr", "steps", "epochs", "batch_size", "micro_batch", "warmup_ratio", "weight_decay")
-
-
-def apply_overrides(recipe: Recipe, args) -> Recipe:
-    """Command-line settings onto the recipe (flags left unset change nothing); stage flags need a stage."""
-    for flag, attr in OVERRIDES.items():
-        if getattr(args, flag, None) is not None:
-            setattr(recipe, attr, getattr(args, flag))
-    rl = {a: getattr(args, f) for f, a in RL_OVERRIDES.items() if getattr(args, f, None) is not None}
-    if getattr(args, "no_rl_filter", False):
-        rl["filter"] = False
-    recipe.rl = replace(recipe.rl, **rl)
-    if getattr(args, "grpo_steps", None) is not None:
-        recipe.grpo = replace(recipe.grpo, steps=args.grpo_steps)
-    given = {f: getattr(args, f) for f in OPT_FLAGS if getattr(args, f, None) is not None}
-    if "steps" in given and "epochs" in given:
-        raise TrainingError("give --steps or --epochs, not both")
-    if "epochs" in given:
-        given["steps"] = 1                 # resolved from the data size by with_epochs
-    if getattr(args, "fp32", False):
-        given["bf16"] = False
-    stage = args.stage if args.stage in STAGE_FNS and args.stage != "label" else None
-    if (given or args.init or args.data) and stage is None:
-        raise TrainingError("--init / --data / --lr / ... set one stage's settings: name the stage "
-                            "(pretrain, align, sft, prm or grpo)")
-    if given:
-        setattr(recipe, stage, replace(getattr(recipe, stage), **given).check(f"[{stage}]"))
-    return recipe
 
 
 def build_parser() -> argparse.ArgumentParser:

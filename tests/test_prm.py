@@ -10,7 +10,7 @@ import torch
 
 from ursa import prm
 from ursa.prm import (aggregate, auc, best_of_n, count_tags, first_error_hit, insert_tags, join_steps,
-                      labels_at, majority_vote, positions_mask, prm_input, prm_loss, prm_user_text,
+                      balance_weight, labels_at, majority_vote, positions_mask, prm_input, prm_loss, prm_user_text,
                       prm_weighted_vote, released_input, released_user_text, response_input,
                       score_responses, score_steps, split_steps, step_metrics, step_scores, tag_steps)
 from ursa.tokenizer import Tokenizer, train_toy_tokenizer
@@ -277,6 +277,22 @@ def test_prm_loss_global_normaliser_weights_micro_batches_evenly():
     assert full.item() == pytest.approx(ref.item(), rel=1e-6)
     with pytest.raises(ValueError, match="smaller than"):
         prm_loss(z, y, m, num_tags=1)
+
+
+def test_prm_loss_pos_weight_hand_value():
+    z = torch.tensor([[0.0, 5.0, 2.0]])
+    y = torch.tensor([[1.0, 1.0, 0.0]])
+    m = torch.tensor([[True, False, True]])
+    loss, _ = prm_loss(z, y, m, pos_weight=3.0)
+    # the label-1 tag's -log sigmoid(0) counts three times, the label-0 tag's -log(1 - sigmoid(2)) once
+    want = (3 * math.log(2) + math.log(1 + math.e ** 2)) / 2
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+
+
+def test_balance_weight_counts_every_step():
+    # 5 ones and 2 zeros -> 2 / 5; a data set with one class only -> 1.0
+    assert balance_weight([[1, 1, 0], [1, 1, 1, 0]]) == pytest.approx(2 / 5)
+    assert balance_weight([[1, 1], [1]]) == 1.0 and balance_weight([[0]]) == 1.0
 
 
 def test_prm_loss_no_tags_is_zero_with_graph():

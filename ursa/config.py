@@ -210,8 +210,8 @@ def _tiny() -> ModelConfig:
     # vocab_size is set from the trained toy tokenizer (ursa/tokenizer.py) before the model is built
     return ModelConfig(
         name="tiny",
-        vision=VisionConfig(siglip=ViTConfig(image_size=48, patch_size=12, hidden_size=96,
-                                             intermediate_size=384, num_layers=2, num_heads=4)),
+        vision=VisionConfig(siglip=ViTConfig(image_size=48, patch_size=12, hidden_size=192,
+                                             intermediate_size=768, num_layers=4, num_heads=4)),
         projector=ProjectorConfig(out_dim=160),
         lm=LMConfig(vocab_size=512, hidden_size=160, intermediate_size=432, num_layers=4,
                     num_heads=4, num_kv_heads=2, max_position_embeddings=512),

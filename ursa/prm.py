@@ -297,10 +297,13 @@ def labels_at(positions: Sequence[Sequence[int]], labels: Sequence[Sequence[int]
 # ---- loss and scores -------------------------------------------------------------------------
 
 def prm_loss(value_logits: torch.Tensor, label_tensor: torch.Tensor, tag_mask: torch.Tensor,
-             num_tags: Optional[int] = None) -> tuple[torch.Tensor, dict]:
+             num_tags: Optional[int] = None, pos_weight: float = 1.0) -> tuple[torch.Tensor, dict]:
     """Binary cross-entropy over the tagged steps (Eq. 4):
 
-        L = -(1 / num_tags) * sum_{tags} [ y log sigmoid(z) + (1 - y) log(1 - sigmoid(z)) ]
+        L = -(1 / num_tags) * sum_{tags} [ w y log sigmoid(z) + (1 - y) log(1 - sigmoid(z)) ]
+
+    with w = pos_weight (Eq. 4 is w = 1; `balance_weight` gives the w that makes the label-1 and
+    label-0 tags of a data set weigh the same in total).
 
     value_logits, label_tensor: [B, T] float; tag_mask: [B, T] bool.
     num_tags: the number of tags in the WHOLE optimizer step (all micro-batches, all ranks), so
@@ -321,11 +324,20 @@ def prm_loss(value_logits: torch.Tensor, label_tensor: torch.Tensor, tag_mask: t
     if local == 0:
         loss = value_logits.sum() * 0.0
         return loss, {"loss": 0.0, "step_acc": float("nan"), "num_tags": 0, "pos_frac": float("nan")}
-    loss = F.binary_cross_entropy_with_logits(z, y, reduction="sum") / denom
+    w = None if pos_weight == 1.0 else torch.tensor(float(pos_weight), device=z.device)
+    loss = F.binary_cross_entropy_with_logits(z, y, reduction="sum", pos_weight=w) / denom
     with torch.no_grad():
         acc = ((z >= 0).float() == y).float().mean().item()
     return loss, {"loss": loss.item(), "step_acc": acc, "num_tags": local,
                   "pos_frac": y.mean().item()}
+
+
+def balance_weight(labels: Sequence[Sequence[int]]) -> float:
+    """The pos_weight of prm_loss that gives label-1 and label-0 steps equal total weight:
+    (number of 0 labels) / (number of 1 labels) over every step of every record (1.0 if a class is absent)."""
+    ones = sum(int(v) for row in labels for v in row)
+    zeros = sum(len(row) for row in labels) - ones
+    return zeros / ones if ones and zeros else 1.0
 
 
 def step_scores(value_logits: torch.Tensor, tag_mask: torch.Tensor) -> list[list[float]]:

@@ -75,14 +75,14 @@ MAX_SHAPES = 16                               # one shape per cell of the 4x4 gr
 class WorldKnobs:
     """Difficulty of one split. Ranges are inclusive (lo, hi); a question type listed twice is
     drawn twice as often."""
-    shapes_count: tuple = (1, 6)        # shapes on the 4x4 cells (at most MAX_SHAPES)
-    shape_value: tuple = (1, 5)         # value of each kind, stated in the text
+    shapes_count: tuple = (1, 4)        # shapes on the 4x4 cells (at most MAX_SHAPES)
+    shape_value: tuple = (1, 4)         # value of each kind, stated in the text
     shapes_qtypes: tuple = ("total", "colour")
-    bars_count: tuple = (3, 4)
-    bar_height: tuple = (1, 8)          # at most BAR_MAX
+    bars_count: tuple = (3, 3)
+    bar_height: tuple = (1, 6)          # at most BAR_MAX
     bar_scale: tuple = (2, 9)           # only for "scaled_total"
     bars_qtypes: tuple = ("sum2", "diff", "tallest", "total")
-    grid_side: tuple = (2, 6)           # rectangle / L-shape sides in units (at most GRID_UNITS)
+    grid_side: tuple = (2, 5)           # rectangle / L-shape sides in units (at most GRID_UNITS)
     grid_unit: tuple = (2, 4)           # length of one grid unit in cm, stated in the text
     grid_qtypes: tuple = ("area", "perimeter")
     mc_prob: float = 0.25               # numeric questions asked as multiple choice

@@ -58,6 +58,13 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert set(res["policies"]["sft"]["best_of_n"]["2"]) == {"maj", "pass", "weighted", "min", "mean", "last", "product"}
     assert json.loads((run / "results.json").read_text()) == jsonable(res)          # NaN written as null
     assert "PS-GRPO" in (run / "results.md").read_text()
+    # the PRM's class balance comes from its training split only (not the held-out records)
+    from ursa.prm import balance_weight
+    from ursa.results import split_by_problem
+    recs = [json.loads(x) for x in (run / "label" / "dualmath.jsonl").read_text().splitlines() if x.strip()]
+    train_recs, _ = split_by_problem(recs, micro_recipe(tmp).prm_heldout)
+    want = balance_weight([r["labels"] for r in train_recs])
+    assert json.loads((run / "prm" / "state.json").read_text())["pos_weight"] == pytest.approx(want)
     # one log line per logged step, with the GRPO statistics the issue asks for
     lines = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 1]

@@ -222,7 +222,7 @@ def test_perception_steps_state_image_facts_and_arithmetic_is_true(problems):
             if eq:
                 assert eval_chain(eq[1]) == int(eq[2]), (p.id, b)
                 continue
-            opt = re.fullmatch(r"(\w+) is option ([A-D])\.", b)
+            opt = re.fullmatch(r"(\w+) is option \(([A-D])\)\.", b)
             tall = re.fullmatch(r"The tallest is (\d+) and the shortest is (\d+)\.", b)
             name = re.fullmatch(r"The tallest is the (\w+) bar\.", b)
             if opt:
@@ -250,7 +250,7 @@ def test_shapes_total_solution_by_hand():
     # 3 * 2 + 1 * 3 + 2 * 3 = 15 -> option D
     assert p.steps == ["Step 1: There are 3 circles.", "Step 2: There is 1 square.",
                        "Step 3: There are 2 triangles.", "Step 4: 3 * 2 = 6.", "Step 5: 1 * 3 = 3.",
-                       "Step 6: 2 * 3 = 6.", "Step 7: 6 + 3 + 6 = 15.", "Step 8: 15 is option D."]
+                       "Step 6: 2 * 3 = 6.", "Step 7: 6 + 3 + 6 = 15.", "Step 8: 15 is option (D)."]
     assert p.answer == "D"
 
 
@@ -363,7 +363,7 @@ def test_corrupt_by_hand():
     steps, ans, i = next((s, a, i) for s, a, i in (corrupt(p, random.Random(k)) for k in range(40)) if a == "A")
     assert steps == ["Step 1: There are 4 circles.", "Step 2: There is 1 square.", "Step 3: There are 2 triangles.",
                      "Step 4: 4 * 2 = 8.", "Step 5: 1 * 3 = 3.", "Step 6: 2 * 3 = 6.", "Step 7: 8 + 3 + 6 = 17.",
-                     "Step 8: 17 is option A."]
+                     "Step 8: 17 is option (A)."]
 
 
 # ---- hard split --------------------------------------------------------------------------------
@@ -430,14 +430,14 @@ def test_write_world_tiny(tmp_path, capsys):
 
 def test_generation_and_perception_mie_are_frozen():
     """Datasets on disk stay identical: problems and default (perception) MIE output are pinned by
-    a digest taken from the world before arithmetic and option corruptions existed."""
+    a digest (retaken when option steps began writing the letter in brackets, as the question does)."""
     import hashlib
     h = hashlib.sha256()
     for split in ("train", "test", "hard"):
         for p in make_problems(60, split):
             h.update(json.dumps({**p.to_dict(), "attributes": attributes(p.facts)}, sort_keys=True).encode())
             h.update(json.dumps(corrupt(p, random.Random(p.seed))).encode())
-    assert h.hexdigest() == "372bcc4f68eeceb541c8b9584ba35e66949bcd06bd91bba9ed21d55e4472be94"
+    assert h.hexdigest() == "af0dd47e9ec213f6b1b0748218097c6ae6e97e8f35d3a6750becf684fed249c1"
 
 
 def test_letters_and_check_use_the_answer_module():
@@ -479,7 +479,7 @@ def test_arithmetic_corruption_by_hand():
     # only slips whose total is an option: 17 (A) or 25 (C) from any equation; 18 (B) is out of reach
     assert set(got) == {(i, a) for i in (3, 4, 5, 6) for a in "AC"}
     assert got[(4, "A")] == mc.steps[:4] + ["Step 5: 1 * 3 = 5.", "Step 6: 2 * 3 = 6.", "Step 7: 6 + 5 + 6 = 17.",
-                                            "Step 8: 17 is option A."]
+                                            "Step 8: 17 is option (A)."]
 
 
 def test_option_corruption_by_hand():
@@ -487,12 +487,12 @@ def test_option_corruption_by_hand():
     seen = {}
     for s in range(300):
         steps, ans, i = corrupt(p, random.Random(s), "option")
-        assert i == 7 and steps == p.steps[:7] + [f"Step 8: 15 is option {ans}."]
+        assert i == 7 and steps == p.steps[:7] + [f"Step 8: 15 is option ({ans})."]
         seen[ans] = seen.get(ans, 0) + 1
     assert set(seen) == {"A", "B", "C"} and seen["A"] > seen["B"] + seen["C"]     # nearest: 1/2 + 1/6
     t = make_problem(10, "train", "bars")       # tallest: red is option C; colours have no "nearest"
     assert {corrupt(t, random.Random(s), "option")[1] for s in range(60)} == {"A", "B", "D"}
-    assert corrupt(t, random.Random(0), "option")[0][-1] in {f"Step 6: red is option {x}." for x in "ABD"}
+    assert corrupt(t, random.Random(0), "option")[0][-1] in {f"Step 6: red is option ({x})." for x in "ABD"}
 
 
 def test_corruption_kinds_and_errors():
@@ -577,7 +577,7 @@ def test_oracle_agrees_with_every_corruption(problems):
 
 
 SHAPES = ["There are 3 circles.", "There is 1 square.", "There are 2 triangles."]     # train-shapes-0
-SHAPES_AR = ["3 * 2 = 6.", "1 * 3 = 3.", "2 * 3 = 6.", "6 + 3 + 6 = 15.", "15 is option D."]
+SHAPES_AR = ["3 * 2 = 6.", "1 * 3 = 3.", "2 * 3 = 6.", "6 + 3 + 6 = 15.", "15 is option (D)."]
 BARS = ["The orange bar is 7.", "The blue bar is 8."]                                   # train-bars-0
 DIFF = ["The blue bar is 2.", "The green bar is 6.", "The red bar is 4.", "The orange bar is 3."]   # train-bars-4
 TALL = ["The red bar is 6.", "The green bar is 3.", "The orange bar is 4.", "The blue bar is 1."]   # train-bars-10
@@ -590,31 +590,31 @@ L_AREA = ["The shape is 7 units wide.", "The shape is 4 units tall.", "The cut-o
 S, SA = SHAPES, SHAPES_AR
 WRONG = [
     # shapes, multiple choice: 3 circles (2 each), 1 square (3), 2 triangles (3) = 15 -> D (A 17, B 18, C 25)
-    ("train-shapes-0", ["There are 4 circles.", *S[1:], "4 * 2 = 8.", *SA[1:3], "8 + 3 + 6 = 17.", "17 is option A."],
+    ("train-shapes-0", ["There are 4 circles.", *S[1:], "4 * 2 = 8.", *SA[1:3], "8 + 3 + 6 = 17.", "17 is option (A)."],
      "A", 1, False, "step 1 reads 4 circles; the image has 3"),
-    ("train-shapes-0", [*S, "3 * 2 = 7.", *SA[1:3], "7 + 3 + 6 = 16.", "16 is closest to option A."],
+    ("train-shapes-0", [*S, "3 * 2 = 7.", *SA[1:3], "7 + 3 + 6 = 16.", "16 is closest to option (A)."],
      "A", 4, False, "step 4 states 3 * 2 = 7, which is false (it is 6)"),
-    ("train-shapes-0", [*S, *SA[:3], "6 + 3 + 6 = 16.", "16 is closest to option A."],
+    ("train-shapes-0", [*S, *SA[:3], "6 + 3 + 6 = 16.", "16 is closest to option (A)."],
      "A", 7, False, "step 7 states 6 + 3 + 6 = 16, which is false (it is 15)"),
-    ("train-shapes-0", [*S, "3 * 3 = 9.", *SA[1:3], "9 + 3 + 6 = 18.", "18 is option B."],      # a square's value
+    ("train-shapes-0", [*S, "3 * 3 = 9.", *SA[1:3], "9 + 3 + 6 = 18.", "18 is option (B)."],      # a square's value
      "B", 4, False, "step 4 computes 3 * 3 = 9; next the solution needs 3 * 2 = 6 or 1 * 3 = 3 or 2 * 3 = 6"),
-    ("train-shapes-0", [S[0], S[2], "3 * 2 = 6.", "2 * 3 = 6.", "6 + 6 = 12.", "12 is closest to option D."],
+    ("train-shapes-0", [S[0], S[2], "3 * 2 = 6.", "2 * 3 = 6.", "6 + 6 = 12.", "12 is closest to option (D)."],
      "D", 3, True, "step 3 computes 3 * 2 = 6 before reading the squares"),
     ("train-shapes-0", [*S[:2], SA[0], S[2]], "D", 3, True, "step 3 computes 3 * 2 = 6 before reading the triangles"),
     ("train-shapes-0", [*S, SA[0], *SA[2:]], "D", 6, True, "step 6 computes 6 + 3 + 6 = 15 before 1 * 3 = 3, which it uses"),
     ("train-shapes-0", [*S, *SA[:2], *SA[1:]], "D", 6, True, "step 6 computes 1 * 3 = 3, a repeat of an earlier step"),
     ("train-shapes-0", [*S, S[0], *SA], "D", 4, True, "step 4 reads 3 circles, a repeat of an earlier step"),
     ("train-shapes-0", [*S, *SA, S[1]], "D", 9, True, "step 9 reads 1 square, a repeat of an earlier step"),
-    ("train-shapes-0", [*S, *SA[:4], "15 is option A."], "A", 8, False,
+    ("train-shapes-0", [*S, *SA[:4], "15 is option (A)."], "A", 8, False,
      "step 8 names option A (which is 17); 15 is option D"),
-    ("train-shapes-0", [*S, *SA[:4], "15 is option E."],
+    ("train-shapes-0", [*S, *SA[:4], "15 is option (E)."],
      "E", 8, False, "step 8 names option E (there is no such option); 15 is option D"),
-    ("train-shapes-0", [*S, *SA[:4], "16 is option D."], "D", 8, True, "step 8 maps 16 to an option; the value is 15"),
-    ("train-shapes-0", [*S, *SA[:4], "15 is closest to option D."],
+    ("train-shapes-0", [*S, *SA[:4], "16 is option (D)."], "D", 8, True, "step 8 maps 16 to an option; the value is 15"),
+    ("train-shapes-0", [*S, *SA[:4], "15 is closest to option (D)."],
      "D", 8, True, "step 8 says 15 is closest to option D; 15 is option D"),
-    ("train-shapes-0", [*S, *SA[:3], "15 is option D."], "D", 7, True,
+    ("train-shapes-0", [*S, *SA[:3], "15 is option (D)."], "D", 7, True,
      "step 7 names an option before 6 + 3 + 6 = 15, which it uses"),
-    ("train-shapes-0", [*S, *SA[:3], "6 + 3 = 9.", "9 + 6 = 15.", "15 is option D."],           # partial sums
+    ("train-shapes-0", [*S, *SA[:3], "6 + 3 = 9.", "9 + 6 = 15.", "15 is option (D)."],           # partial sums
      "D", 7, True, "step 7 computes 6 + 3 = 9; next the solution needs 6 + 3 + 6 = 15"),
     ("train-shapes-0", [*S, "3 * 2 + 1 * 3 + 2 * 3 = 15."],                                     # one mixed equation
      "D", 4, True,
@@ -639,7 +639,7 @@ WRONG = [
      "step 2 reads the red bar as 2, a fact the solution does not state"),
     ("train-bars-0", [BARS[0], BARS[0], BARS[1], "7 + 8 = 15."], "15", 2, True,
      "step 2 reads the orange bar as 7, a repeat of an earlier step"),
-    ("train-bars-0", [*BARS, "7 + 8 = 15.", "15 is option A."], "A", 4, False,
+    ("train-bars-0", [*BARS, "7 + 8 = 15.", "15 is option (A)."], "A", 4, False,
      "step 4 names option A, but the question has no options"),
     # bars, difference: tallest 6 (green), shortest 2 (blue) -> 4
     ("train-bars-4", [*DIFF, "6 - 2 = 4."], "4", 5, True,
@@ -649,9 +649,9 @@ WRONG = [
     ("train-bars-4", [*DIFF, "The tallest is 6 and the shortest is 2.", "2 - 6 = -4."], "-4", 6, False,
      "step 6 computes 2 - 6 = -4; next the solution needs 6 - 2 = 4"),
     # bars, tallest: red, option C of (green, blue, red, orange)
-    ("train-bars-10", [*TALL, "The tallest is the orange bar.", "orange is option D."], "D", 5, False,
+    ("train-bars-10", [*TALL, "The tallest is the orange bar.", "orange is option (D)."], "D", 5, False,
      "step 5 states the tallest is the orange bar; next the solution needs the tallest is the red bar"),
-    ("train-bars-10", [*TALL, "The tallest is the red bar.", "red is option A."], "A", 6, False,
+    ("train-bars-10", [*TALL, "The tallest is the red bar.", "red is option (A)."], "A", 6, False,
      "step 6 names option A (which is green); red is option C"),
     # bars, scaled total: 4 + 6 + 8 + 3 = 21, 21 * 2 = 42
     ("hard-bars-7", [*SCALED, "4 + 6 + 8 + 3 = 21.", "21 * 2 = 44."], "44", 6, False,
@@ -683,7 +683,7 @@ WRONG = [
      "step 7 states 28 - 6 = 21, which is false (it is 22)"),
     # grid, multiple choice: 6 * 2 = 12, 4 * 4 = 16, 12 * 16 = 192 -> D (A 96)
     ("train-grid-1", ["The rectangle is 6 units wide.", "The rectangle is 2 units tall.", "6 * 2 = 12.", "4 * 4 = 16.",
-                      "12 * 16 = 192.", "192 is option A."], "A", 6, False,
+                      "12 * 16 = 192.", "192 is option (A)."], "A", 6, False,
      "step 6 names option A (which is 96); 192 is option D"),
 ]
 
@@ -711,12 +711,12 @@ def test_oracle_right_steps_wrong_answer_line_and_incomplete():
 
 ACCEPTED = [    # harmless variants: every step right
     ("train-shapes-0", _resp(SHAPES[2], SHAPES[0], SHAPES[1], "2 * 3 = 6.", "3 * 2 = 6.", "1 * 3 = 3.", "6 + 6 + 3 = 15.",
-                             "15 is option D.", ans="D"), 8),                   # another reading order
+                             "15 is option (D).", ans="D"), 8),                   # another reading order
     ("train-shapes-0", "Step 1:   there is 3 circles\n\nStep 2: There are 1 squares .\n\nStep 3: There are 2 triangle\n\n"
                        "Step 4: 3*2=6\n\nStep 5: 3 × 1 = 3.\n\nStep 6: 2 *3 = 6.\n\nStep 7: 6+3+6 = 15.\n\n"
-                       "Step 8: 15 is option (D).\n\n†Answer: D", 8),         # spaces, grammar, case, ×, periods
+                       "Step 8: 15 is option D\n\n†Answer: D", 8),         # spaces, grammar, case, ×, periods, no brackets
     ("train-shapes-0", _resp(" ".join(SHAPES), "3 * 2 = 6. 1 * 3 = 3.\n2 * 3 = 6.",
-                             "6 + 3 + 6 = 15. Step 9: 15 is option D.", ans="D"), 3),      # merged steps
+                             "6 + 3 + 6 = 15. Step 9: 15 is option (D).", ans="D"), 3),      # merged steps
     ("train-shapes-0", "\n\n".join(f"Step 1: {b}" for b in SHAPES + SHAPES_AR) + "\n\n†Answer: D", 8),  # numbering
     ("train-grid-0", _resp("The shape is 5 units tall.", "The shape is 3 units wide.", "4 * 4 = 16.", "5 * 3 = 15.",
                            "16 * 15 = 240.", ans="240"), 5),                  # independent computations swapped

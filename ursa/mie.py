@@ -69,7 +69,7 @@ def _slip_plan(problem: Problem) -> tuple:
 
 def _corrupt_planned(problem: Problem, rng: random.Random, plan, none: str) -> tuple:
     """Draw from plan(problem)'s ok list, else (multiple choice) from its pool, ending with the
-    nearest option other than the true one ("23 is closest to option C.")."""
+    nearest option other than the true one ("23 is closest to option (C).")."""
     ok, pool = plan(problem)
     if ok:
         k, steps, ans = ok[rng.randrange(len(ok))]
@@ -80,7 +80,7 @@ def _corrupt_planned(problem: Problem, rng: random.Random, plan, none: str) -> t
     gold = OPTION_LETTERS.index(problem.answer)
     j = min((c for c in range(len(problem.choices)) if c != gold),
             key=lambda c: (abs(float(problem.choices[c]) - float(value)), c))
-    return steps + [f"Step {len(steps) + 1}: {value} is closest to option {OPTION_LETTERS[j]}."], OPTION_LETTERS[j], k
+    return steps + [f"Step {len(steps) + 1}: {value} is closest to option ({OPTION_LETTERS[j]})."], OPTION_LETTERS[j], k
 
 
 def _corrupt_option(problem: Problem, rng: random.Random) -> tuple:
@@ -93,7 +93,7 @@ def _corrupt_option(problem: Problem, rng: random.Random) -> tuple:
     else:                                                   # any other option
         j = rng.choice(others)
     k = len(problem.steps) - 1          # the option step is always last
-    return problem.steps[:k] + [f"Step {k + 1}: {value} is option {OPTION_LETTERS[j]}."], OPTION_LETTERS[j], k
+    return problem.steps[:k] + [f"Step {k + 1}: {value} is option ({OPTION_LETTERS[j]})."], OPTION_LETTERS[j], k
 
 
 _CORRUPTERS = {
@@ -126,7 +126,7 @@ def corrupt(problem: Problem, rng: random.Random, kind: str = "perception") -> t
     kind "any": one of the kinds that apply (`corruption_kinds`), weighted by ANY_WEIGHTS.
     Multiple choice, perception and arithmetic: only wrong values that are options count; if none
     exists, one is drawn from all candidates and the solution ends with the nearest option other
-    than the true one ("23 is closest to option C.").
+    than the true one ("23 is closest to option (C).").
 
     Returns (new_steps, new_answer, insert_index): insert_index is the 0-based index of the first
     wrong step (steps before it are unchanged; it and every later step are wrong); new_answer !=

@@ -11,7 +11,7 @@ steps a correct solution contains, each with what must come before it:
 - every computation needs ALL readings, plus the computations whose results it uses: the world's
   equations ("3 * 2 = 6.", the sum of all products "6 + 3 + 6 = 15.", "21 * 2 = 42.", ...),
   "The tallest is 8 and the shortest is 2." (before "8 - 2 = 6.") and "The tallest is the red bar.";
-- multiple choice: the option step "22 is option B." needs the final value.
+- multiple choice: the option step "22 is option (B)." needs the final value.
 A correct solution states each of these steps once, each after what it needs, and nothing else.
 Order: the readings may come in any order (the world always scans in one fixed order, but a true
 reading is true whenever it is stated, and a reader may look at the picture in any order), and so
@@ -34,7 +34,7 @@ first error is the first step that is
   that are accepted: the operands of + and * in any order; "-" only in its order; one equation per
   computation, as the world writes it (not a sum in two partial sums, not "3 * 2 + 1 * 3 = 9.");
 - a statement other than the one needed ("The tallest is 8 and the shortest is 3." when it is 2);
-- an option step that names a letter other than the option holding the value ("22 is option C."
+- an option step that names a letter other than the option holding the value ("22 is option (C)."
   where C is 25, or a letter with no option), maps a value other than the final one, comes before
   the final value, says "closest to" (the true value is always an option), or repeats; any option
   step in a free-form problem.

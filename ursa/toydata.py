@@ -36,7 +36,8 @@ from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 SEED_STRIDE = 10_000_000        # problem seeds of --seed s start at s * SEED_STRIDE
 
 
-FORMAT = 3      # bumped whenever the records or images change (2: patch_attributes; 3: bars aligned to patches)
+FORMAT = 4      # bumped whenever the records or images change (2: patch_attributes; 3: bars aligned to patches;
+                #   4: option steps write the letter as the question does, "15 is option (D).")
 
 
 def _world_signature(image_size: int) -> dict:

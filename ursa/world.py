@@ -29,7 +29,7 @@ and a count is never misread as 0 (its step would silently vanish); see `misread
 
 Multiple choice: 4 options (A)-(D) listed in the question as "Choices: (A) 12 (B) 15 ..."; the
 distractors are the answers that plausible mistakes produce (a one-off misreading, an arithmetic
-slip of +-1, +-2, +-10), and the last step maps the value to its letter ("Step 7: 22 is option B.").
+slip of +-1, +-2, +-10), and the last step maps the value to its letter ("Step 7: 22 is option (B).").
 
     from ursa.world import make_problem, make_problems, check
     from ursa.mie import corrupt
@@ -287,11 +287,11 @@ def render(facts: dict, readings: list, choices: Optional[list] = None, slip: Op
     if choices is not None:
         if answer in choices:
             answer = OPTION_LETTERS[choices.index(answer)]
-            ar = ar + [f"{value} is option {answer}."]
+            ar = ar + [f"{value} is option ({answer})."]
         else:                           # only reachable by a corruption (see `corrupt`)
             i = min(range(len(choices)), key=lambda j: (abs(float(choices[j]) - value), j))
             answer = OPTION_LETTERS[i]
-            ar = ar + [f"{value} is closest to option {answer}."]
+            ar = ar + [f"{value} is closest to option ({answer})."]
     steps = [f"Step {i + 1}: {s}" for i, s in enumerate(per + ar)]
     return steps, list(range(len(per))), answer, value
 

@@ -454,16 +454,25 @@ STAGE_FNS = {"pretrain": stage_pretrain, "align": stage_align, "sft": stage_sft,
 
 def run_stage(name: str, run: Path, recipe: Recipe, rt: Runtime, stop_after=None, quiet=False, force=False,
               **kw) -> float:
-    """One stage (after the world and the tokenizer it needs); returns its wall seconds."""
+    """One stage (after the world and the tokenizer it needs); returns its wall seconds, summed over the
+    runs that resumed it (runs/<name>/stage_seconds.json), also when it was already done and is skipped."""
     if rt.dist is not None and name not in FSDP_STAGES:
         raise TrainingError(f"--fsdp runs the stages {', '.join(FSDP_STAGES)}; run {name!r} without it")
     if run.exists() and not run.is_dir():
         raise TrainingError(f"{run}: exists and is not a folder")
     data_dir = rt.main_first(ensure_world, recipe, quiet)
     tok = rt.main_first(world_tokenizer, run / "tokenizer.json", data_dir, recipe.vocab_size)
+    key = grpo_dir_name(kw["reward"]) if "reward" in kw else "prm-oracle" if kw.get("oracle") else name
+    times_file = run / "stage_seconds.json"
+    times = read_json(times_file, "stage times") if times_file.exists() else {}
+    if stage_done(run / key) and not force:         # skipped: report the seconds it took when it ran
+        return float(times.get(key, 0.0))
     t = time.time()
     STAGE_FNS[name](run, recipe, tok, rt, stop_after=stop_after, quiet=quiet, force=force, **kw)
-    return time.time() - t
+    if rt.is_main:                                  # summed over the runs that resumed it
+        times[key] = round((0.0 if force else times.get(key, 0.0)) + time.time() - t, 1)
+        write_json(times_file, times)
+    return times.get(key, time.time() - t)
 
 
 def run_all(recipe: Recipe, run: Path, rt: Runtime, quiet=False) -> dict:

@@ -69,7 +69,7 @@ class Recipe:
     prm: Opt = field(default_factory=lambda: Opt(steps=400, lr=5e-4, weight_decay=0.02, micro_batch=MICRO))
     prm_heldout: float = 0.1
     prm_balance: bool = True          # weigh label-1 and label-0 steps equally (prm.balance_weight)
-    grpo: Opt = field(default_factory=lambda: Opt(steps=40, lr=1e-4, weight_decay=0.0, warmup_ratio=0.05,
+    grpo: Opt = field(default_factory=lambda: Opt(steps=60, lr=2e-5, weight_decay=0.0, warmup_ratio=0.05,
                                                   min_lr_ratio=1.0, log_every=1, ckpt_every=10))
     rl: GRPOSettings = field(default_factory=GRPOSettings)
     bon_samples: int = 16

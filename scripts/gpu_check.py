@@ -169,7 +169,7 @@ def check_8b(dry: bool, reason: str, seq: int, layers: int | None, new_tokens: i
         checkpoint_block(layer)
     model.train()
     g = torch.Generator(device="cuda").manual_seed(0)
-    V, img = cfg.lm.vocab_size, cfg.image_token_id
+    img = cfg.image_token_id
     ids = torch.randint(0, img, (1, seq), device="cuda", generator=g)          # no <|image|> id
     lmask = torch.ones_like(ids)
 

@@ -30,6 +30,8 @@ from ursa.model import URSAModel, init_weights
 from ursa.release import load_qwen2_lm_into, load_siglip_into
 from ursa.weights import CheckpointError, lm_config_from_hf, save_state_dict, vit_config_from_hf
 
+from hf_layouts import qwen2_config_as, siglip_names_as
+
 FIX = Path(__file__).parent / "fixtures" / "parity"
 TOL = dict(atol=1e-5, rtol=1e-5)
 IMAGE_TOKEN = 96          # the fixture's input ids are all below 90
@@ -39,34 +41,13 @@ def _json(p: Path) -> dict:
     return json.loads(p.read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the two transformers layouts ---------------------------------------------------------------
 
-def qwen2_config_as(cfg: dict, version: int) -> dict:
-    """A Qwen2 config.json dict in the transformers 4.x spelling (top-level rope_theta) or the
-    5.x one (rope_parameters {"rope_theta", "rope_type": "default"})."""
-    c = {k: v for k, v in cfg.items() if k not in ("rope_theta", "rope_parameters", "rope_scaling")}
-    theta = cfg.get("rope_theta", (cfg.get("rope_parameters") or {}).get("rope_theta"))
-    if version == 4:
-        c.update(rope_theta=theta, rope_scaling=None)
-        c.pop("layer_types", None)
-    else:
-        c["rope_parameters"] = {"rope_theta": theta, "rope_type": "default"}
-    return c
 
 
-def siglip_names_as(sd: dict, version: int) -> dict:
-    """SiglipVisionModel tensor names with the `vision_model.` prefix (4.x, released files) or
-    without it (5.x)."""
-    bare = {n.removeprefix("vision_model."): t for n, t in sd.items()}
-    return bare if version == 5 else {"vision_model." + n: t for n, t in bare.items()}
 
 
 def _dir(tmp: Path, config: dict, sd: dict) -> Path:

@@ -142,14 +142,7 @@ def run_child(point: str, tmp: Path, run: Path, stages: str = "sft", data: str =
 
 # ---- shared runs ------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here and in every child: bitwise equality needs the same kernels' split
-    (docs/reliability.md), and the micro models run fastest on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

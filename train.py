@@ -234,7 +234,7 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
     """Stage II PRM: SFT weights + a value head (dropout 0.1 -> Linear(H, 1)); BCE at the step tags
     (Eq. 4); the LLM and the head train, the vision tower and projector are frozen (paper).
     oracle=True: the same solutions and training with the oracle's labels, into <run>/prm-oracle."""
-    sd, opt = run / ("prm-oracle" if oracle else "prm"), recipe.prm
+    sd, opt = run / stage_dir_name("prm", recipe, oracle=oracle), recipe.prm
     if stage_done(sd):
         return
     torch.manual_seed(opt.seed)
@@ -329,6 +329,14 @@ def grpo_dir_name(reward: str) -> str:
     return "grpo" if reward == "ps" else f"grpo-{reward}"
 
 
+def stage_dir_name(name: str, recipe: Recipe, reward: Optional[str] = None, oracle: bool = False) -> str:
+    """The run sub-folder a stage writes: its name, except prm --oracle-labels (prm-oracle) and GRPO
+    with a reward other than PS (grpo-<reward>; the reward from the call or else the recipe)."""
+    if name == "grpo":
+        return grpo_dir_name(reward or recipe.rl.reward)
+    return "prm-oracle" if name == "prm" and oracle else name
+
+
 @torch.no_grad()
 def _logprobs(model, ids, am, px, T: float, micro: int, rt: Runtime, bf16: bool) -> torch.Tensor:
     """[R, L-1] log-probs of every target token under `model` (no gradient), micro-batched."""
@@ -346,7 +354,7 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_afte
     """PS-GRPO (Eq. 5-8) and its variants; see the module docstring for the simplifications."""
     S, opt = recipe.rl, recipe.grpo
     reward = reward or S.reward
-    sd = run / grpo_dir_name(reward)
+    sd = run / stage_dir_name("grpo", recipe, reward)
     if stage_done(sd):
         return
     torch.manual_seed(opt.seed)
@@ -462,7 +470,7 @@ def run_stage(name: str, run: Path, recipe: Recipe, rt: Runtime, stop_after=None
         raise TrainingError(f"{run}: exists and is not a folder")
     data_dir = rt.main_first(ensure_world, recipe, quiet)
     tok = rt.main_first(world_tokenizer, run / "tokenizer.json", data_dir, recipe.vocab_size)
-    key = grpo_dir_name(kw["reward"]) if "reward" in kw else "prm-oracle" if kw.get("oracle") else name
+    key = stage_dir_name(name, recipe, **kw)
     times_file = run / "stage_seconds.json"
     times = read_json(times_file, "stage times") if times_file.exists() else {}
     if stage_done(run / key) and not force:         # skipped: report the seconds it took when it ran

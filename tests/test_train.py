@@ -71,14 +71,21 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert {"reward", "acc", "resp_len", "n_steps", "drop_rate", "mixed", "kl", "clip_frac", "tok_s"} <= set(lines[0])
 
 
-def test_rerun_reports_each_stages_recorded_seconds(micro_run):
+def test_rerun_reports_each_stages_recorded_seconds(micro_run, tmp_path):
     """A finished stage is skipped on a rerun, and results.json keeps the seconds it took when it ran."""
     tmp, run, res = micro_run
     secs = json.loads((run / "stage_seconds.json").read_text())
     assert set(secs) == set(train.STAGES) and all(v > 0 for v in secs.values())
     assert {s: res["times_s"][s] for s in train.STAGES} == pytest.approx(secs, abs=0.06)
     for s in train.STAGES:              # skipped: the recorded seconds, not the ~0 s of the skip
-        assert train.run_stage(s, Path(str(run)), micro_recipe(tmp), RT, quiet=True) == secs[s]
+        assert train.run_stage(s, run, micro_recipe(tmp), RT, quiet=True) == secs[s]
+    # another reward from the flags (recipe.rl.reward) is its own stage folder: trained, not skipped
+    r2, r = tmp_path / "run", micro_recipe(tmp)
+    shutil.copytree(run, r2)
+    r.rl.reward = "outcome"
+    train.run_stage("grpo", r2, r, RT, quiet=True)
+    assert stage_done(r2 / "grpo-outcome")
+    assert set(json.loads((r2 / "stage_seconds.json").read_text())) == set(train.STAGES) | {"grpo-outcome"}
 
 
 def test_align_trains_only_the_projector(micro_run):

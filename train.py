@@ -220,7 +220,7 @@ def stage_label(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_aft
     stats = label_dualmath(model, tok, Path(recipe.stage_data or Path(recipe.data_dir) / "cot_train.jsonl"), sd,
                            n_problems=L.n_problems, k_samples=L.k_samples, n_probe=L.n_probe,
                            compare_mc=L.compare_mc, mie_kind=L.mie_kind, mie_per_problem=L.mie_per_problem,
-                           correct_ratio=L.correct_ratio, max_new_tokens=recipe.max_new_tokens,
+                           correct_ratio=L.correct_ratio, pairs=L.pairs, max_new_tokens=recipe.max_new_tokens,
                            progress=not quiet)
     report = format_label_stats(stats)
     if not quiet:

@@ -28,7 +28,7 @@ def micro_recipe(tmp: Path) -> Recipe:
     return Recipe(
         name="micro", preset="micro", data_dir=str(tmp / "data"), n_train=48, n_rl=12, n_test=12, n_hard=12,
         vocab_size=300, pretrain=Opt(steps=4, lr=2e-3, **small), align=Opt(steps=3, lr=1e-3, **small),
-        sft=Opt(steps=4, lr=1e-3, **small), label=LabelSettings(8, 2, 2, 3),
+        sft=Opt(steps=4, lr=1e-3, **small), label=LabelSettings(8, 2, 2, 3, pairs=4),
         prm=Opt(steps=3, lr=5e-4, **small), bon_samples=2,
         grpo=Opt(steps=2, lr=5e-5, micro_batch=4, log_every=1, ckpt_every=1000, bf16=False),
         rl=GRPOSettings(prompts=2, group=2, filter=False), max_new_tokens=24)
@@ -157,6 +157,26 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path):
     assert [json.loads(l)["loss"] for l in la] == [json.loads(l)["loss"] for l in lb]
 
 
+def test_bf16_autocast_only_where_the_cpu_has_native_bf16(monkeypatch, capsys):
+    import ursa.trainer as trainer
+    for native in (True, False):
+        monkeypatch.setattr(trainer, "native_bf16", lambda device: native)
+        with Runtime().autocast(True):
+            assert torch.is_autocast_enabled("cpu") == native
+        with Runtime().autocast(False):
+            assert not torch.is_autocast_enabled("cpu")
+    assert "computing in fp32" in capsys.readouterr().err or trainer._FP32_NOTED
+
+
+def test_bench_skips_bf16_rows_where_bf16_is_emulated(monkeypatch):
+    import ursa.bench as bench
+    monkeypatch.setattr(bench, "native_bf16", lambda device: False)
+    monkeypatch.setattr(bench, "matmul_peak", lambda dtype: 1e9)
+    res = bench.run(steps=1, warmup=0, batch=2, seq_len=24, parts=("train",))
+    assert res["train"]["bf16"] is None and res["train"]["fp32"]["tokens_per_s"] > 0
+    assert "bf16 autocast skipped: this CPU has no native bf16" in bench.format_table(res)
+
+
 def test_micro_batches_give_the_same_gradient_as_one_batch():
     m, data = _lm_setup()
     grads = []
@@ -184,6 +204,29 @@ def test_label_resume_neither_loses_nor_duplicates(micro_run, tmp_path):
         f.write('{"id": "half a li')
     label_dualmath(model, tok, src, b, **kw)
     assert (b / "dualmath.jsonl").read_text() == full
+
+
+def test_label_pairs_are_reference_and_mie_of_the_same_solution(micro_run, tmp_path):
+    from ursa import world
+    tmp, run, _ = micro_run
+    model = load_model(run / "sft" / "model").eval()
+    tok = Tokenizer.from_file(run / "tokenizer.json")
+    src = tmp / "data" / "cot_train.jsonl"
+    stats = label_dualmath(model, tok, src, tmp_path, n_problems=2, k_samples=1, n_probe=2, chunk=1, compare_mc=0,
+                           mie_per_problem=0.0, pairs=3, max_new_tokens=8, progress=False)
+    recs = read_jsonl(tmp_path / "dualmath.jsonl")
+    ids = [r["id"] for r in read_jsonl(src)]
+    refs = [r for r in recs if r["id"].endswith("-ref")]
+    mies = {r["problem_id"]: r for r in recs if r["id"].endswith("-pair")}
+    assert stats["pairs"] == 3 and [r["problem_id"] for r in refs] == ids[2:5]   # the problems after the sampled ones
+    for ref in refs:
+        p = world.problem_from_id(ref["problem_id"])
+        assert ref["source"] == "correct" and ref["steps"] == p.steps and ref["answer"] == p.answer
+        assert set(ref["labels"]) == {1}
+        mie = mies[ref["problem_id"]]
+        k = mie["labels"].index(0)
+        assert mie["source"] == "mie" and mie["steps"][:k] == p.steps[:k] and mie["steps"][k] != p.steps[k]
+        assert mie["answer"] != p.answer and mie["image"] == ref["image"] and mie["question"] == ref["question"]
 
 
 def test_malformed_line_and_missing_image_are_named(micro_run, tmp_path):

@@ -46,6 +46,7 @@ from ursa.config import LMConfig, ModelConfig, ViTConfig, get_config
 from ursa.data import next_token_loss
 from ursa.generate import generate, sample_next
 from ursa.model import URSAModel, init_weights
+from ursa.trainer import native_bf16
 
 
 # ---- FLOP arithmetic ------------------------------------------------------------------------------
@@ -480,7 +481,7 @@ def profile(threads: Optional[int] = None, reps: int = 5, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     ids, px, lmask = random_batch(model.cfg, 64, 140, g)
     out = [f"machine  {cpu_name()}, {torch.get_num_threads()} thread(s), torch {torch.__version__}"]
-    for bf16 in (False, True):
+    for bf16 in (False, True) if native_bf16(torch.device("cpu")) else (False,):
         rows = breakdown_train(model, ids, px, lmask, bf16, reps)
         out.append(format_breakdown(f"training step, batch 64 x 140, {'bf16 autocast' if bf16 else 'fp32'}", rows))
     for n in (64, 1):
@@ -525,13 +526,16 @@ def run(threads: Optional[int] = None, steps: int = 5, warmup: int = 2, batch: i
         res["train"] = {"batch": batch, "seq_len": seq_len, "image_tokens": cfg.vision.num_tokens,
                         "steps": steps, "warmup": warmup}
         for key, bf16 in (("fp32", False), ("bf16", True)):
+            if bf16 and not native_bf16(torch.device("cpu")):
+                res["train"][key] = None          # emulated bf16 (see native_bf16): the stages run fp32 here
+                continue
             step = train_step_fn(tiny_model(seed), ids, pixels, loss_mask, bf16)
             t = statistics.median(interleave({"s": step}, steps, warmup)["s"])
             tps, peak = ids.numel() / t, res["peak_gflops"][key] * 1e9
             res["train"][key] = {"tokens_per_s": tps, "step_s": t, "mfu_model": mfu(f_model, tps, peak),
                                  "mfu_6N": mfu(train_flops_per_token(n), tps, peak)}
     if "loop" in parts:
-        res["loop"] = bench_loop(steps, seed=seed)
+        res["loop"] = bench_loop(steps, (False, True) if native_bf16(torch.device("cpu")) else (False,), seed=seed)
     if "sample" in parts:
         p_ids, p_px, _ = random_batch(cfg, batch, prompt_len, g)
         res["sample"] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,
@@ -554,6 +558,10 @@ def format_table(r: dict) -> str:
                   f"  {'precision':<14}{'tokens/s':>10}{'s/step':>9}{'MFU model':>11}{'MFU 6N':>9}"]
         for key, label in (("fp32", "fp32"), ("bf16", "bf16 autocast")):
             x = t[key]
+            if x is None:
+                lines.append(f"  {label:<14}skipped: this CPU has no native bf16 (AVX512-BF16 or AMX), so the "
+                             f"stages compute in fp32")
+                continue
             lines.append(f"  {label:<14}{x['tokens_per_s']:>10,.0f}{x['step_s']:>9.3f}"
                          f"{100 * x['mfu_model']:>10.1f}%{100 * x['mfu_6N']:>8.1f}%")
         f = r["flops_per_token"]

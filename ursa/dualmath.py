@@ -13,7 +13,13 @@ Per chunk of training problems:
      always coherent; letting the policy continue would add sampling noise and cost); every step
      from the insertion on is labelled 0;
   5. the first `compare_mc` wrong solutions are also labelled by per-step Monte Carlo
-     (Math-Shepherd) to compare cost and labels; they are written to compare.jsonl.
+     (Math-Shepherd) to compare cost and labels; they are written to compare.jsonl;
+  6. `pairs` further problems (after the n_problems sampled ones, spread over the chunks) each give a
+     PAIR: the reference solution as a "correct" record and an MIE corruption of that same solution.
+     The two share the image, the question and every step before the corrupted one, so the only
+     thing that tells their labels apart is whether that step agrees with the image and the
+     question: the PRM must check it rather than learn where in a solution errors tend to sit (with
+     unpaired records a late step is mostly labelled 0, whatever it says). No sampling: free.
 The algorithms stay generic (ursa.labeling knows steps and a checker); the world enters only in
 the MIE step and in the oracle measurements (label_quality).
 
@@ -99,7 +105,7 @@ class PolicyCompleter:
 
 def _new_stats() -> dict:
     return {"chunks": 0, "bytes": 0, "problems": 0, "samples": 0, "sampled_correct": 0,
-            "unparsable": 0, "bel": 0, "bel_unsolved": 0, "mie": 0, "correct": 0,
+            "unparsable": 0, "bel": 0, "bel_unsolved": 0, "mie": 0, "correct": 0, "pairs": 0,
             "bel_completions": 0, "per_step_mc_equivalent": 0, "first_error_hist": {},
             "compare": {"solutions": 0, "bel_completions": 0, "mc_completions": 0, "agree": 0}}
 
@@ -126,12 +132,15 @@ def _parse(text: str) -> Optional[tuple[list, str]]:
 
 def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_samples: int = 4,
                    n_probe: int = 8, chunk: int = 50, mie_per_problem: float = 0.5, mie_kind: str = "perception",
-                   correct_ratio: float = 1 / 3, compare_mc: int = 60, batch_size: int = 256,
+                   correct_ratio: float = 1 / 3, compare_mc: int = 60, pairs: int = 0, batch_size: int = 256,
                    max_new_tokens: int = 96, seed: int = 0, progress: bool = True) -> dict:
-    """Write out_dir/dualmath.jsonl (step-labelled solutions) and return the label statistics."""
+    """Write out_dir/dualmath.jsonl (step-labelled solutions) and return the label statistics.
+    pairs: problems after the first n_problems that each add a (reference, MIE of it) pair (step 6
+    of the module docstring; toy problems only)."""
     problems_path, out_dir = Path(problems_path), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = _problems(problems_path, n_problems)
+    items = _problems(problems_path, n_problems + pairs)
+    items, extra = items[:n_problems], items[n_problems:]
     out, prog_path = out_dir / RECORDS, out_dir / PROGRESS
     io.write_json(out_dir / META, {"image_root": str(problems_path.parent.resolve()),    # absolute: any cwd, any run depth
                                    "problems": str(problems_path.resolve())})
@@ -148,6 +157,7 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
             if f.exists():
                 f.unlink()
     n_chunks = (len(items) + chunk - 1) // chunk
+    per_chunk = -(-len(extra) // max(1, n_chunks))      # pair problems per chunk (ceil)
     bar = tqdm(total=len(items), initial=min(len(items), stats["chunks"] * chunk), desc="label",
                disable=not progress, dynamic_ncols=True)
     t0, spent0, tokens0 = time.time(), 0, 0
@@ -203,6 +213,12 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
             kind = mie_kind if mie_kind != "option" or prob.choices else "perception"
             recs.append(mie_record(it, prob.steps, lambda _: corrupt(prob, rng, kind=kind),
                                    rid=f"{it['id']}-mie{j}"))
+        for it in extra[c * per_chunk:(c + 1) * per_chunk]:
+            prob = world.problem_from_id(it["id"])
+            kind = mie_kind if mie_kind != "option" or prob.choices else "perception"
+            recs.append(correct_record(it, prob.steps, prob.answer, rid=f"{it['id']}-ref"))
+            recs.append(mie_record(it, prob.steps, lambda _: corrupt(prob, rng, kind=kind), rid=f"{it['id']}-pair"))
+            stats["pairs"] += 1
         for r in recs:
             r["problem_id"] = r["id"].rsplit("-", 1)[0]
             validate_record(r, r["id"])
@@ -239,7 +255,8 @@ def format_label_stats(s: dict) -> str:
     return "\n".join([
         f"problems {s['problems']}, samples {s['samples']} ({100 * s['sampled_correct'] / max(1, s['samples']):.1f}% correct, "
         f"{s['unparsable']} unparsable)",
-        f"records: bel {s['bel']} (+{s['bel_unsolved']} dropped: question unsolved), mie {s['mie']}, correct {s['correct']}",
+        f"records: bel {s['bel']} (+{s['bel_unsolved']} dropped: question unsolved), mie {s['mie']}, correct {s['correct']} "
+        f"({s.get('pairs', 0)} of the mie and of the correct records are reference / MIE pairs)",
         f"first-error step histogram (BEL): {hist}",
         f"completions: BEL {s['bel_completions']} vs per-step MC on the same solutions {s['per_step_mc_equivalent']} "
         f"({s['per_step_mc_equivalent'] / max(1, s['bel_completions']):.2f}x)",

@@ -28,6 +28,8 @@ class LabelSettings:
     mie_kind: str = "any"       # perception, arithmetic or option step, drawn per record
     mie_per_problem: float = 1.0  # MIE records per labelled problem (the toy's MIE is free)
     correct_ratio: float = 3.0    # "correct" records per BEL record, up to every right sample (paper: about 1/3)
+    pairs: int = 0               # further problems, each a (reference solution, MIE of it) pair (dualmath.py, 6.;
+                                 # 2,000 lowered best-of-16 to 7.8 points below maj@16: docs/results.md)
 
 
 @dataclass

@@ -10,7 +10,7 @@ tiny    the tiny preset on CUDA against the same weights on the CPU: fp32 logits
 ursa8b  ursa.config.get_config("ursa-8b") with random weights in bf16, built on the meta device and
         materialised on the GPU: forward + backward at one sequence of --seq tokens (text only,
         micro-batch 1, every decoder layer activation-checkpointed, no optimizer: an 8B bf16 model
-        with AdamW does not fit one GPU), its tokens/s and MFU (model FLOPs, ursa.bench.lm_forward_flops
+        with AdamW does not fit one GPU), its tokens/s and MFU (model FLOPs, ursa.flops.lm_forward_flops
         x 3, against the bf16 peak of an 8192^3 matmul measured here); then KV-cache greedy
         generation tokens/s at batch 1 and 32. torch.cuda.max_memory_allocated for each.
 --dry-run (automatic without CUDA) walks the same steps, builds the 8B model on the meta device
@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ursa.bench import NEVER, lm_forward_flops, matmul_flops, random_batch, tiny_model   # noqa: E402
+from ursa.bench import NEVER, random_batch, tiny_model   # noqa: E402
+from ursa.flops import lm_forward_flops, matmul_flops   # noqa: E402
 from ursa.config import get_config                                                       # noqa: E402
 from ursa.data import next_token_loss                                                    # noqa: E402
 from ursa.generate import generate                                                       # noqa: E402

@@ -237,10 +237,10 @@ def test_bf16_autocast_paths_stay_close_to_fp32():
         assert (got[real] - want[real]).abs().max() < 0.05, path
 
 
-# ---- the FLOP counts of ursa.bench's MFU (hand-computed) ---------------------------------------------
+# ---- the FLOP counts of ursa.flops (the bench's MFU) (hand-computed) ---------------------------------------------
 
 def test_bench_model_flops_by_hand():
-    from ursa.bench import lm_forward_flops, model_train_flops, projector_forward_flops, vit_forward_flops
+    from ursa.flops import lm_forward_flops, model_train_flops, projector_forward_flops, vit_forward_flops
     from ursa.config import ModelConfig, ProjectorConfig, ViTConfig, VisionConfig
     c = LMConfig(vocab_size=10, hidden_size=4, intermediate_size=6, num_layers=1, num_heads=2, num_kv_heads=1)
     # per position: q/k/v 4 x (2 + 1 + 1) x 2 = 32, o 16, MLP 3 x 4 x 6 = 72, head 40 -> 160 mul-adds;

@@ -512,10 +512,10 @@ def test_load_siglip_into_checks_the_hf_config(hybrid, tmp_path):
         load_siglip_into(random_model(src.cfg, 9), d)
 
 
-# ---- ursa.bench's FLOP arithmetic (speed itself is never asserted) ------------------------------------
+# ---- ursa.flops's FLOP arithmetic (speed itself is never asserted) ------------------------------------
 
 def test_bench_flop_arithmetic_on_hand_numbers():
-    from ursa.bench import matmul_flops, mfu, train_flops_per_token
+    from ursa.flops import matmul_flops, mfu, train_flops_per_token
     assert train_flops_per_token(1000) == 6000                                 # 6 N
     assert train_flops_per_token(1000, n_layers=2, d_model=4, seq_len=10) == 6000 + 12 * 2 * 4 * 10
     # 6960 FLOPs/token at 100 tokens/s on a 1 MFLOP/s machine uses 69.6% of it

@@ -24,7 +24,7 @@ What is measured (the "tiny" preset, the toy world's model, randomly initialised
           LM's matmuls and lm_head at every position, causal attention (the keys each query sees);
           training = 3 x forward. "6N" (PaLM, Chowdhery et al. 2022, appendix B: 6 x every
           parameter x every position) is kept beside it: it overcounts the tower, ignores attention.
-Speed is never asserted in a test (tests/test_parity.py and tests/test_lm.py check the FLOP arithmetic).
+Speed is never asserted in a test; the FLOP counts are ursa/flops.py's.
 """
 from __future__ import annotations
 
@@ -42,64 +42,12 @@ from typing import Callable, Optional
 import torch
 
 from ursa import lm as lm_mod
-from ursa.config import LMConfig, ModelConfig, ViTConfig, get_config
+from ursa.config import ModelConfig, get_config
 from ursa.data import next_token_loss
+from ursa.flops import matmul_flops, mfu, model_train_flops, train_flops_per_token
 from ursa.generate import generate, sample_next
 from ursa.model import URSAModel, init_weights
 from ursa.trainer import native_bf16
-
-
-# ---- FLOP arithmetic ------------------------------------------------------------------------------
-
-def train_flops_per_token(n_params: int, n_layers: int = 0, d_model: int = 0, seq_len: int = 0) -> float:
-    """Training FLOPs per token (forward + backward): 6 N, plus PaLM's attention term 12 L d T
-    (QK^T and AV, forward and backward, non-causal count) when n_layers, d_model, seq_len are given."""
-    return 6.0 * n_params + 12.0 * n_layers * d_model * seq_len
-
-
-def mfu(flops_per_token: float, tokens_per_s: float, peak_flops_per_s: float) -> float:
-    """Model-FLOPs utilisation: flops_per_token * tokens_per_s / peak (a fraction, not a percent)."""
-    return flops_per_token * tokens_per_s / peak_flops_per_s
-
-
-def matmul_flops(n: int) -> float:
-    """FLOPs of one [n, n] x [n, n] matmul: n^2 outputs, n multiply-adds each."""
-    return 2.0 * n ** 3
-
-
-def vit_forward_flops(v: ViTConfig) -> float:
-    """Forward FLOPs of the SigLIP ViT on ONE image: patch embedding, per block q/k/v/proj and the
-    MLP (2 x multiply-adds) and attention over its P patches (QK^T and AV: 2 x 2 x P^2 x D)."""
-    P, D, I = v.num_patches, v.hidden_size, v.intermediate_size
-    patch = 2.0 * P * (3 * v.patch_size ** 2) * D
-    block = 2.0 * P * (4 * D * D + 2 * D * I) + 4.0 * P * P * D
-    return patch + v.num_layers * block
-
-
-def projector_forward_flops(cfg: ModelConfig) -> float:
-    """Forward FLOPs of the "mlp" projector on one image's rows: Linear(C, H), Linear(H, H)."""
-    N, C, H = cfg.vision.num_tokens, cfg.vision.out_dims[0], cfg.projector.out_dim
-    return 2.0 * N * (C * H + H * H)
-
-
-def lm_forward_flops(c: LMConfig, seq_len: int) -> float:
-    """Forward FLOPs of the decoder on one sequence of seq_len real tokens: every layer's matmuls
-    and lm_head at every position, and causal attention (query t sees t + 1 keys: QK^T and AV are
-    2 x 2 x (t + 1) x Hq x hd each; summed, 2 x Hq x hd x T (T + 1))."""
-    H, hd = c.hidden_size, c.head_dim
-    per_layer = H * (c.num_heads + 2 * c.num_kv_heads) * hd + c.num_heads * hd * H + 3 * H * c.intermediate_size
-    matmuls = 2.0 * seq_len * (c.num_layers * per_layer + H * c.vocab_size)
-    attention = c.num_layers * 2.0 * c.num_heads * hd * seq_len * (seq_len + 1)
-    return matmuls + attention
-
-
-def model_train_flops(cfg: ModelConfig, seq_lens, n_images: int) -> float:
-    """Training FLOPs (3 x forward) of one step: n_images through the vision tower and projector,
-    one LM pass per sequence of the given real lengths. The "siglip" tower only."""
-    if cfg.vision.kind != "siglip":
-        raise ValueError(f"model_train_flops counts the 'siglip' tower only, not {cfg.vision.kind!r}")
-    vis = n_images * (vit_forward_flops(cfg.vision.siglip) + projector_forward_flops(cfg))
-    return 3.0 * (vis + sum(lm_forward_flops(cfg.lm, int(t)) for t in seq_lens))
 
 
 # ---- timing ---------------------------------------------------------------------------------------------
@@ -520,13 +468,14 @@ def run(threads: Optional[int] = None, steps: int = 5, warmup: int = 2, batch: i
                      "params_by_part": {k: sum(p.numel() for p in m.parameters()) for k, m in model.named_children()}},
            "peak_gflops": {"fp32": matmul_peak(torch.float32) / 1e9, "bf16": matmul_peak(torch.bfloat16) / 1e9}}
     ids, pixels, loss_mask = random_batch(cfg, batch, seq_len, g)
+    bf16_ok = native_bf16(torch.device("cpu"))      # else bf16 is emulated: its rows are skipped
     f_model = model_train_flops(cfg, [seq_len] * batch, batch) / ids.numel()
     res["flops_per_token"] = {"6N": train_flops_per_token(n), "model": f_model}
     if "train" in parts:
         res["train"] = {"batch": batch, "seq_len": seq_len, "image_tokens": cfg.vision.num_tokens,
                         "steps": steps, "warmup": warmup}
         for key, bf16 in (("fp32", False), ("bf16", True)):
-            if bf16 and not native_bf16(torch.device("cpu")):
+            if bf16 and not bf16_ok:
                 res["train"][key] = None          # emulated bf16 (see native_bf16): the stages run fp32 here
                 continue
             step = train_step_fn(tiny_model(seed), ids, pixels, loss_mask, bf16)
@@ -535,7 +484,7 @@ def run(threads: Optional[int] = None, steps: int = 5, warmup: int = 2, batch: i
             res["train"][key] = {"tokens_per_s": tps, "step_s": t, "mfu_model": mfu(f_model, tps, peak),
                                  "mfu_6N": mfu(train_flops_per_token(n), tps, peak)}
     if "loop" in parts:
-        res["loop"] = bench_loop(steps, (False, True) if native_bf16(torch.device("cpu")) else (False,), seed=seed)
+        res["loop"] = bench_loop(steps, (False, True) if bf16_ok else (False,), seed=seed)
     if "sample" in parts:
         p_ids, p_px, _ = random_batch(cfg, batch, prompt_len, g)
         res["sample"] = {"batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens,

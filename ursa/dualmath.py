@@ -121,6 +121,11 @@ def _problems(path: Path, n: int) -> list[dict]:
     return items
 
 
+def _mie_kind(kind: str, problem) -> str:
+    """The corruption kind for a problem: "option" needs choices, so a free-form problem gets "perception"."""
+    return kind if kind != "option" or problem.choices else "perception"
+
+
 def _parse(text: str) -> Optional[tuple[list, str]]:
     """(steps, answer) of a sampled solution, or None when it has no steps, no answer line, or a
     step holding the tag or an answer mark (it could not be tagged one label per step)."""
@@ -210,14 +215,13 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
         for j in range(round(mie_per_problem * len(part))):
             it = solved[j % len(solved)]
             prob = world.problem_from_id(it["id"])
-            kind = mie_kind if mie_kind != "option" or prob.choices else "perception"
-            recs.append(mie_record(it, prob.steps, lambda _: corrupt(prob, rng, kind=kind),
+            recs.append(mie_record(it, prob.steps, lambda _: corrupt(prob, rng, kind=_mie_kind(mie_kind, prob)),
                                    rid=f"{it['id']}-mie{j}"))
         for it in extra[c * per_chunk:(c + 1) * per_chunk]:
             prob = world.problem_from_id(it["id"])
-            kind = mie_kind if mie_kind != "option" or prob.choices else "perception"
             recs.append(correct_record(it, prob.steps, prob.answer, rid=f"{it['id']}-ref"))
-            recs.append(mie_record(it, prob.steps, lambda _: corrupt(prob, rng, kind=kind), rid=f"{it['id']}-pair"))
+            recs.append(mie_record(it, prob.steps, lambda _: corrupt(prob, rng, kind=_mie_kind(mie_kind, prob)),
+                                   rid=f"{it['id']}-pair"))
             stats["pairs"] += 1
         for r in recs:
             r["problem_id"] = r["id"].rsplit("-", 1)[0]

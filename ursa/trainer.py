@@ -29,6 +29,7 @@ What the loop guarantees
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -141,10 +142,11 @@ def set_trainable(model: torch.nn.Module, parts: tuple) -> None:
 _FP32_NOTED = False     # the fp32 fallback's note is printed once per process
 
 
+@functools.lru_cache(maxsize=None)
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively on `device`: on a GPU yes; on a CPU only with AVX512-BF16 or
-    AMX. Elsewhere (AVX2-only CPUs, most laptops) oneDNN emulates bf16 and a bf16-autocast training
-    step of the tiny preset measured 5.2 s against 0.45 s in fp32 on an AVX2 EPYC."""
+    AMX. Elsewhere (AVX2-only CPUs, most laptops) oneDNN emulates bf16 and a bf16-autocast step runs
+    about 10x slower than fp32 (docs/speed.md, "CPUs without native bf16"). Cached: asked per micro-batch."""
     if device.type != "cpu":
         return True
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

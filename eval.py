@@ -95,7 +95,8 @@ def run_toy(args):
     px = problem_pixels(recs, base, model.cfg.vision, mode)
     g = sample(model, tok, recs, base, max_new_tokens=mx, batch_size=args.batch_size, pixels=px)
     print(f"greedy      {pct(acc_record(g.first_correct()))}   ({args.data}, {mode} images; "
-          f"{g.speed['completions_s']:.0f} completions/s, {g.speed['new_tokens_s']:.0f} new tokens/s)")
+          f"{g.speed['completions_s']:.0f} completions/s, {g.speed['new_tokens_s']:.0f} new tokens/s of "
+          f"{g.speed['decoded_tokens_s']:.0f} decoded)")
     fams = by_family(recs, g.first_correct())
     if fams:
         print("  by family: " + ", ".join(f"{f} {pct(a)}" for f, a in fams.items()))

@@ -232,7 +232,8 @@ def stage_label(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_aft
 def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after=None, quiet=False, force=False,
               oracle: bool = False):
     """Stage II PRM: SFT weights + a value head (dropout 0.1 -> Linear(H, 1)); BCE at the step tags
-    (Eq. 4); the LLM and the head train, the vision tower and projector are frozen (paper).
+    (Eq. 4); the LLM and the head train, the vision tower and projector are frozen (paper; the
+    recipe's train_vision_in_prm trains them too).
     oracle=True: the same solutions and training with the oracle's labels, into <run>/prm-oracle."""
     sd, opt = run / stage_dir_name("prm", recipe, oracle=oracle), recipe.prm
     if stage_done(sd):
@@ -249,7 +250,8 @@ def stage_prm(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_after
     base = dualmath_image_root(path)
     train_data = PRMExamples(train_recs, tok, model.cfg, base, recipe.max_len)
     held_data = PRMExamples(held, tok, model.cfg, base, recipe.max_len) if held else None
-    set_trainable(model, ("language_model", "score"))
+    vision = ("vision_model", "aligner") if recipe.train_vision_in_prm else ()
+    set_trainable(model, ("language_model", "score") + vision)
     opt = with_epochs(opt, len(train_data), opt.batch_size)
     pos_weight = balance_weight(train_data.labels) if recipe.prm_balance else 1.0
 
@@ -319,7 +321,8 @@ def rl_prompts(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, quiet=Fal
         speed = info.get("speed") or {}
         print(f"[grpo] RL prompts: {len(info['keep'])} of {len(recs)} kept ({right.count(info['samples'])} "
               f"always right, {right.count(0)} always wrong dropped; sampled at "
-              f"{speed.get('completions_s', 0):.0f} completions/s, {speed.get('new_tokens_s', 0):.0f} new tokens/s)")
+              f"{speed.get('completions_s', 0):.0f} completions/s, {speed.get('new_tokens_s', 0):.0f} new tokens/s of "
+              f"{speed.get('decoded_tokens_s', 0):.0f} decoded)")
     keep = set(info["keep"])
     return [r for r in recs if r["id"] in keep]
 
@@ -386,13 +389,15 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_afte
         p0 = next(sampler.parameters())
         gen = torch.Generator(device=p0.device).manual_seed(opt.seed * SEED_STRIDE + b + RANK_STRIDE * rt.rank)
         chunk = max(1, S.gen_batch // G) if S.gen_batch else len(idx)
-        rows = []                                                           # R token lists, rollout b*G+j
+        rows, decoded = [], 0                                               # R token lists, rollout b*G+j
         for c in range(0, len(idx), chunk):
             g = generate(sampler, [prompt_ids[i] for i in idx[c:c + chunk]], px[c:c + chunk].to(p0.device, p0.dtype),
                          num_samples=G, max_new_tokens=recipe.max_new_tokens, temperature=T,
                          stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id, generator=gen)
             rows += [g.row(i) for i in range(g.tokens.shape[0])]
+            decoded += g.decoded
         del sampler
+        t_gen = time.time() - t0                                            # the sampling alone
         R = len(rows)
         texts = [tok.decode(r) for r in rows]
         correct = torch.tensor([judge(texts[i], *gold(brecs[i // G]))[1] for i in range(R)])         # [R]
@@ -408,16 +413,19 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_afte
                                            [token_step_index(texts[i], starts[i], len(scores[i])) for i in range(R)],
                                            ids.shape[1])
         adv = rollout_advantages(reward, rw.view(-1, G), correct.view(-1, G), scores, token_step, S.scale_std)
+        t_score = time.time() - t0 - t_gen                                  # judging + PRM scoring
         px_rows = px.repeat_interleave(G, dim=0)                                                     # [R, 3, S, S]
         ref_lp = _logprobs(ref, ids, am, px_rows, T, opt.micro_batch, rt, opt.bf16)
         old_lp = _logprobs(policy, ids, am, px_rows, T, opt.micro_batch, rt, opt.bf16) if E > 1 else None
-        t_gen = time.time() - t0
+        t_all = time.time() - t0
         deltas = [drop_moment(sc) for sc, c in zip(scores, correct.tolist()) if c]
         stats = {"reward": rw.mean().item(), "acc": correct.float().mean().item(),
                  "resp_len": sum(map(len, rows)) / R, "n_steps": sum(len(split_steps(t)[0]) for t in texts) / R,
                  "drop_rate": sum(d >= S.rho for d in deltas) / max(1, len(deltas)),
-                 "mixed": float(mixed_groups(correct.view(-1, G)).float().mean()), "sample_s": time.time() - t0,
-                 "rollout_tok_s": sum(map(len, rows)) / max(t_gen, 1e-9), "completions_s": R / max(t_gen, 1e-9)}
+                 "mixed": float(mixed_groups(correct.view(-1, G)).float().mean()), "rollout_s": t_all,
+                 "sample_s": t_gen, "score_s": t_score, "logprob_s": t_all - t_gen - t_score,
+                 "rollout_tok_s": sum(map(len, rows)) / max(t_gen, 1e-9), "completions_s": R / max(t_gen, 1e-9),
+                 "decoded_tok_s": decoded / max(t_gen, 1e-9)}
         return {"b": b, "ids": ids, "am": am, "mask": mask, "px": px_rows, "adv": adv, "ref_lp": ref_lp,
                 "old_lp": old_lp, "stats": stats}
 

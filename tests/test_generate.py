@@ -135,3 +135,47 @@ def test_stop_check_interval_rule():
 def test_zero_new_tokens_is_refused():
     with pytest.raises(ValueError, match="max_new_tokens must be >= 1"):
         generate(_model(), PROMPTS[:1], PIXELS[:1], max_new_tokens=0)
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 1.0), (1.0, 0.8)])
+def test_sampled_tokens_follow_the_tempered_nucleus_distribution(temperature, top_p):
+    logits = torch.tensor([2.0, 1.0, float("-inf"), 0.0, -1.0, float("-inf")])
+    p = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:                       # by hand: sorted 0, 1, 3, 4; keep while the mass before is < top_p
+        order = p.argsort(descending=True)
+        before = p[order].cumsum(0) - p[order]
+        keep = torch.zeros_like(p, dtype=torch.bool)
+        keep[order[before < top_p]] = True
+        p = torch.where(keep, p, torch.zeros_like(p)) / p[keep].sum()
+    n = 200_000
+    tok, lp = gen_mod.sample_next(logits.repeat(n, 1), temperature, top_p, torch.Generator().manual_seed(0))
+    freq = torch.bincount(tok, minlength=6).double() / n
+    assert (freq - p.double()).abs().max() < 4e-3        # 4e-3 is over 3 standard errors at n = 200k
+    assert freq[2] == 0 and freq[5] == 0                  # -inf logits are never drawn
+    torch.testing.assert_close(lp, torch.log_softmax(logits / temperature, -1)[tok])
+
+
+def test_a_draw_at_the_top_of_the_unit_interval_never_picks_a_zero_probability_token(monkeypatch):
+    logits = torch.tensor([[0.0, 1.0, 3.0, float("-inf"), float("-inf")]])
+    monkeypatch.setattr(gen_mod.torch, "rand", lambda *a, **kw: torch.full((1, 1), 1.0))
+    tok, _ = gen_mod.sample_next(logits, 1.0, 1.0, None)
+    assert tok.tolist() == [2]                            # the last token with mass, not index 3 or 4
+
+
+def test_stopped_rows_leave_the_batch(monkeypatch):
+    m = _model(4)
+    free = generate(m, PROMPTS, PIXELS, max_new_tokens=12, stop_ids=[], pad_id=0)
+    k, stop = _first_new(free.row(0))
+    rows = []
+    inner = m.language_model.forward
+    monkeypatch.setattr(m.language_model, "forward", lambda x, *a, **kw: rows.append(x.shape[0]) or inner(x, *a, **kw))
+    out = generate(m, PROMPTS, PIXELS, max_new_tokens=12, stop_ids=[stop], pad_id=0)
+    assert out.row(0) == free.row(0)[:k + 1]
+    stops_at = [r.index(stop) if stop in r else None for r in map(free.row, range(3))]
+    # after the prefill, the forward that feeds token t decodes only the rows whose stop token
+    # comes later (the check runs every step on a CPU; one stopped row of three is enough to compact)
+    expect = [sum(1 for s in stops_at if s is None or s > t) for t in range(len(rows) - 1)]
+    assert rows[0] == 3 and rows[1:] == expect
+    assert min(rows) < 3
+    # decoded counts the (row, position) pairs sampled: 3 from the prefill, then one per row of each step
+    assert out.decoded == 3 + sum(expect) and free.decoded == 3 * 12

@@ -70,6 +70,11 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     lines = [json.loads(l) for l in (run / "grpo" / "metrics.jsonl").read_text().splitlines()]
     assert [l["step"] for l in lines] == [0, 1]
     assert {"reward", "acc", "resp_len", "n_steps", "drop_rate", "mixed", "kl", "clip_frac", "tok_s"} <= set(lines[0])
+    # the rollout phase's seconds split into sampling, judging + PRM scoring, reference log-probs
+    for l in lines:
+        assert min(l["sample_s"], l["score_s"], l["logprob_s"]) >= 0
+        assert l["sample_s"] + l["score_s"] + l["logprob_s"] == pytest.approx(l["rollout_s"], abs=3e-5)   # logged to 5 decimals
+        assert l["decoded_tok_s"] >= l["rollout_tok_s"] > 0        # decoded counts stopped rows' tokens too
 
 
 def test_rerun_reports_each_stages_recorded_seconds(micro_run, tmp_path):
@@ -116,6 +121,19 @@ def test_prm_trains_lm_and_head_not_vision(micro_run):
         same = torch.equal(a[n], b[n])
         # frozen: vision tower and projector; lm_head is unused by the value head, so it gets no gradient
         assert same == (n.startswith(("vision_model.", "aligner.")) or n == "language_model.lm_head.weight"), n
+
+
+def test_prm_with_train_vision_in_prm_trains_the_tower_too(micro_run, tmp_path):
+    tmp, run, _ = micro_run
+    r2, recipe = tmp_path / "run", micro_recipe(tmp)
+    shutil.copytree(run, r2)
+    shutil.rmtree(r2 / "prm")
+    recipe.train_vision_in_prm = True
+    train.stage_prm(r2, recipe, Tokenizer.from_file(r2 / "tokenizer.json"), RT, quiet=True)
+    a = load_file(str(r2 / "sft" / "model" / "model.safetensors"))
+    b = load_file(str(r2 / "prm" / "model" / "model.safetensors"))
+    for part in ("vision_model.", "aligner.", "language_model.model."):
+        assert any(not torch.equal(a[n], b[n]) for n in a if n.startswith(part)), part
 
 
 def test_dualmath_records_are_well_formed(micro_run):

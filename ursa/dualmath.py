@@ -74,6 +74,7 @@ class PolicyCompleter:
         self.batch_size, self.generator = batch_size, generator
         self.spent = 0                   # completions sampled (probes and first samples)
         self.new_tokens = 0
+        self.decoded = 0                 # new tokens computed, stopped rows' included (Generation.decoded)
         self._px: dict = {}
 
     def pixels(self, item) -> torch.Tensor:
@@ -90,6 +91,7 @@ class PolicyCompleter:
                                    temperature=self.temperature if temperature is None else temperature,
                                    top_p=self.top_p if top_p is None else top_p, generator=self.generator)
         self.new_tokens += sum(int(g.lengths.sum()) for g in gens)
+        self.decoded += sum(g.decoded for g in gens)
         return texts
 
     def __call__(self, requests, n) -> list[list[bool]]:
@@ -165,7 +167,7 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
     per_chunk = -(-len(extra) // max(1, n_chunks))      # pair problems per chunk (ceil)
     bar = tqdm(total=len(items), initial=min(len(items), stats["chunks"] * chunk), desc="label",
                disable=not progress, dynamic_ncols=True)
-    t0, spent0, tokens0 = time.time(), 0, 0
+    t0, spent0, tokens0, decoded0 = time.time(), 0, 0, 0
     for c in range(stats["chunks"], n_chunks):
         rng = random.Random(seed * SEED_STRIDE + c)
         gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed * SEED_STRIDE + c)
@@ -235,8 +237,9 @@ def label_dualmath(model, tok, problems_path, out_dir, n_problems: int = 300, k_
         stats["chunks"], stats["bytes"], stats["problems"] = c + 1, out.stat().st_size, stats["problems"] + len(part)
         io.write_json(prog_path, stats)
         spent0, tokens0 = spent0 + pol.spent + len(part) * k_samples, tokens0 + pol.new_tokens
+        decoded0 += pol.decoded
         dt = max(time.time() - t0, 1e-9)
-        stats["speed"] = {"completions_s": spent0 / dt, "new_tokens_s": tokens0 / dt}
+        stats["speed"] = {"completions_s": spent0 / dt, "new_tokens_s": tokens0 / dt, "decoded_tokens_s": decoded0 / dt}
         io.write_json(prog_path, stats)
         bar.update(len(part))
         bar.set_postfix(completions_s=f"{spent0 / dt:.0f}", new_tok_s=f"{tokens0 / dt:.0f}")

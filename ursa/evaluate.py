@@ -113,7 +113,8 @@ def gold(rec: dict) -> tuple[str, Optional[list]]:
 @dataclass
 class Samples:
     """n responses per record and their verdicts: responses[i][j], extracted[i][j], correct[i][j];
-    when sampled here, `speed` = {"completions_s", "new_tokens_s", "seconds"} of the sampling."""
+    when sampled here, `speed` = {"completions_s", "new_tokens_s", "decoded_tokens_s" (new tokens computed, those
+    after a row's stop included: what the sampler bench counts), "seconds"} of the sampling."""
     responses: list
     extracted: list
     correct: list
@@ -172,7 +173,7 @@ def sample(model, tok, records, base: Path, n: int = 1, temperature: float = 0.0
     bar.close()
     s = judge_all(records, texts)
     s.speed = {"completions_s": len(records) * n / dt, "new_tokens_s": sum(int(x.lengths.sum()) for x in gens) / dt,
-               "seconds": dt}
+               "decoded_tokens_s": sum(x.decoded for x in gens) / dt, "seconds": dt}
     return s
 
 

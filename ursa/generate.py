@@ -5,12 +5,15 @@
       -> prefill once (vision tower included), then expand the cache to B * G rows (G samples per
          prompt, rows b*G .. b*G+G-1): shared-prefix sampling for every caller of num_samples
       -> decode token by token, the logits of the last position only; each row stops on its own
-         at a stop id (<|im_end|>, EOS) or at max_new_tokens. A stopped row is decoded on with its
-         own tokens (cheaper than masking it; rows never see each other) until every row has
-         stopped, and everything after its stop token is replaced at the end (cut_at_stop).
+         at a stop id (<|im_end|>, EOS) or at max_new_tokens. A stopped row leaves the batch
+         (its cache rows dropped) once the stopped rows are 1 / COMPACT_FRACTION of those still
+         decoded; until then it is decoded on with its own tokens (rows never see each other),
+         and everything after its stop token is replaced at the end (cut_at_stop). Leaving
+         changes no row's tokens at temperature 0; sampled, the draws of the rows that remain
+         come from the same seeded generator in the same order, so a seed still fixes the result.
          Per step: no mask rebuilt (a preallocated key mask is sliced, and only for ragged
-         prompts), positions read from a precomputed table, no host sync except the all-stopped
-         test (every STOP_CHECK_EVERY steps on an accelerator).
+         prompts), positions read from a precomputed table, no host sync except the stop test
+         (every STOP_CHECK_EVERY steps on an accelerator).
 
 Returns, per row: the new tokens (padded with pad_id after the stop token), each sampled token's
 log-probability under the temperature-scaled distribution log_softmax(logits / T) (before top-p
@@ -38,6 +41,7 @@ class Generation:
     lengths: torch.Tensor     # [B*G] long, new tokens incl. the stop token
     stop_reason: list         # "stop" | "length" per row
     prompt_index: torch.Tensor  # [B*G] which prompt each row continues
+    decoded: int = 0            # (row, position) pairs computed: new tokens paid for, stopped rows' included
 
     def row(self, i: int) -> list[int]:
         return self.tokens[i, : int(self.lengths[i])].tolist()
@@ -58,21 +62,30 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int):
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
                 generator: Optional[torch.Generator]):
-    """logits [N, V] -> (token [N], logprob [N] under log_softmax(logits / T))."""
+    """logits [N, V] -> (token [N], logprob [N] under log_softmax(logits / T)).
+
+    Sampled rows invert their cumulative distribution at one uniform draw each (torch.multinomial
+    draws an exponential per vocabulary entry: V times the random numbers, 8% of a 128-row decoding
+    step at the toy's 512 tokens, docs/speed.md). A token of probability 0 is never chosen."""
     logits = logits.float()
     if temperature <= 0:
         tok = logits.argmax(-1)
         return tok, torch.log_softmax(logits, -1).gather(-1, tok[:, None]).squeeze(-1)
     logp = torch.log_softmax(logits / temperature, -1)                       # [N, V]
     probs = logp.exp()
+    order = None
     if top_p < 1.0:
-        sp, si = probs.sort(-1, descending=True)
-        keep = (sp.cumsum(-1) - sp) < top_p                                   # always keeps the top token
-        sp = sp * keep
-        choice = torch.multinomial(sp / sp.sum(-1, keepdim=True), 1, generator=generator)
-        tok = si.gather(-1, choice).squeeze(-1)
-    else:
-        tok = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs, order = probs.sort(-1, descending=True)
+        probs = probs * ((probs.cumsum(-1) - probs) < top_p)                  # always keeps the top token
+    cdf = probs.cumsum(-1)                                                    # [N, V]
+    total = cdf[:, -1:]
+    u = torch.rand(total.shape, generator=generator, device=logits.device, dtype=cdf.dtype)   # [N, 1]
+    # the first entry whose cdf exceeds u * total; kept below total so that float rounding never
+    # lands on the zero-probability entries after the last possible token
+    x = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
+    tok = torch.searchsorted(cdf, x, right=True).squeeze(-1)                 # [N]
+    if order is not None:
+        tok = order.gather(-1, tok[:, None]).squeeze(-1)
     return tok, logp.gather(-1, tok[:, None]).squeeze(-1)
 
 
@@ -80,6 +93,10 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float,
 # every STOP_CHECK_EVERY steps (rows that stopped in between are decoded on and their extra tokens
 # dropped, so the result is the same). On a CPU the check is free and runs every step.
 STOP_CHECK_EVERY = 8
+# Stopped rows leave the batch (their cache rows are copied out) once they are at least
+# 1 / COMPACT_FRACTION of the rows still decoded: often enough that the batch shrinks with the
+# lengths (a GRPO batch's responses run 40-96 tokens), rarely enough that the copies stay cheap.
+COMPACT_FRACTION = 8
 
 
 def stop_check_every(device: torch.device) -> int:
@@ -119,9 +136,9 @@ def generate(model: URSAModel, prompts: Sequence[Sequence[int]], pixel_values=No
     prompt, for prompts that hold <|image|> positions) or None.
 
     Each prompt is prefilled once (vision tower included) and its cache rows copied to its
-    num_samples rows. Prompts of equal length need no mask at all. A row that has stopped is decoded
-    on (cheaper than masking it) until every row has stopped; its tokens after the stop are
-    replaced by pad_id at the end, so rows never influence each other."""
+    num_samples rows. Prompts of equal length need no mask at all. Rows that have stopped leave the
+    batch in groups (see the module docstring); tokens a row decoded after its stop are replaced by
+    pad_id at the end, so rows never influence each other."""
     was_training = model.training
     model.eval()
     try:
@@ -164,35 +181,42 @@ def _generate(model, prompts, pixel_values, G, max_new_tokens, temperature, top_
         keys[:, :Tp] = mask.bool()
     positions = real[:, None] + torch.arange(max_new_tokens, device=dev)       # [N, L] new tokens' positions
     stop = torch.tensor(sorted(set(stop_ids)), dtype=torch.long, device=dev)
-    stopped = torch.zeros(N, dtype=torch.bool, device=dev)
-    every = stop_check_every(dev)
-    toks, lps = [], []
+    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
+    logprobs = torch.zeros((N, max_new_tokens), device=dev)
+    rows = torch.arange(N, device=dev)          # the output row of each row still decoded
+    stopped = torch.zeros(N, dtype=torch.bool, device=dev)                     # [n] of the rows decoded
+    every, decoded = stop_check_every(dev), 0
     for t in range(max_new_tokens):
-        tok, lp = sample_next(last, temperature, top_p, generator)
-        toks.append(tok)
-        lps.append(lp)
+        tok, lp = sample_next(last, temperature, top_p, generator)             # [n]
+        decoded += rows.numel()
+        tokens[rows, t] = tok
+        logprobs[rows, t] = lp
         if t == max_new_tokens - 1:
             break
         if stop.numel():
             stopped |= torch.isin(tok, stop)
-            if (t + 1) % every == 0 and bool(stopped.all()):
-                break
-        am = None if keys is None else keys[:, :Tp + t + 1]                    # [N, Tp + t + 1]
+            if (t + 1) % every == 0:
+                done = int(stopped.sum())
+                if done == rows.numel():
+                    break
+                if done >= max(1, rows.numel() // COMPACT_FRACTION):   # drop the stopped rows
+                    keep = (~stopped).nonzero().squeeze(1)                       # [n'] of [n]
+                    rows, tok, last, stopped = rows[keep], tok[keep], last[keep], stopped[keep]
+                    positions = positions[keep]
+                    keys = None if keys is None else keys[keep]
+                    cache.select(keep)
+        am = None if keys is None else keys[:, :Tp + t + 1]                    # [n, Tp + t + 1]
         pos = positions[:, t:t + 1]
         if sharded:                     # through the root module: its hooks gather the root weights
             last = model(tok[:, None], attention_mask=am, position_ids=pos, cache=cache).logits[:, -1].float()
         else:                           # the decoder alone: no image merge (and its host sync) per token
             h = lm(lm.model.embed_tokens(tok[:, None]), attention_mask=am, position_ids=pos, cache=cache)
-            last = lm.head(h[:, -1]).float()                                   # [N, V]
+            last = lm.head(h[:, -1]).float()                                   # [n, V]
         last[:, ban] = float("-inf")
-    tokens = torch.full((N, max_new_tokens), pad_id, dtype=torch.long, device=dev)
-    logprobs = torch.zeros((N, max_new_tokens), device=dev)
-    tokens[:, :len(toks)] = torch.stack(toks, 1)
-    logprobs[:, :len(lps)] = torch.stack(lps, 1)
     lengths, stopped = cut_at_stop(tokens, logprobs, stop, pad_id)
     reasons = ["stop" if s else "length" for s in stopped.tolist()]
     return Generation(tokens, logprobs, lengths, reasons,
-                      torch.arange(B, device=dev).repeat_interleave(G))
+                      torch.arange(B, device=dev).repeat_interleave(G), decoded)
 
 
 def sample_texts(model: URSAModel, tok, prompts: Sequence[Sequence[int]], pixel_values=None, *,

@@ -288,6 +288,11 @@ class KVCache:
         self.k = [k.repeat_interleave(g, dim=0) for k in self.k]
         self.v = [v.repeat_interleave(g, dim=0) for v in self.v]
 
+    def select(self, rows: torch.Tensor):
+        """Keep only `rows` (long [n'], in this order): finished rows leave a decoding batch."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      bias: Optional[torch.Tensor] = None) -> torch.Tensor:

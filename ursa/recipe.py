@@ -71,6 +71,7 @@ class Recipe:
     prm: Opt = field(default_factory=lambda: Opt(steps=400, lr=5e-4, weight_decay=0.02, micro_batch=MICRO))
     prm_heldout: float = 0.1
     prm_balance: bool = True          # weigh label-1 and label-0 steps equally (prm.balance_weight)
+    train_vision_in_prm: bool = False  # the paper freezes the vision tower and projector in Stage II
     grpo: Opt = field(default_factory=lambda: Opt(steps=60, lr=2e-5, weight_decay=0.0, warmup_ratio=0.05,
                                                   min_lr_ratio=1.0, log_every=1, ckpt_every=10))
     rl: GRPOSettings = field(default_factory=GRPOSettings)

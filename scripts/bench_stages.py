@@ -16,15 +16,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from ursa.bench import NEVER, STAGE_SHAPES, random_batch  # noqa: E402
+from ursa.bench import STAGE_SHAPES, random_batch, sample_shape  # noqa: E402
 from ursa.evaluate import load_problems, problem_pixels, prompts_for  # noqa: E402
-from ursa.generate import generate  # noqa: E402
 from ursa.tokenizer import Tokenizer  # noqa: E402
 from ursa.weights import load_model  # noqa: E402
 
@@ -50,23 +48,15 @@ def main(argv=None):
     bids, bpx, _ = random_batch(model.cfg, rows, 44, torch.Generator().manual_seed(0))
     L = args.new_tokens
     print(f"{'shape':<12}{'rows':>6}{'stage tok/s':>13}{'bench tok/s':>13}{'ratio':>7}{'useful':>8}")
-    for name, (P, G, per_call, T) in STAGE_SHAPES.items():
+    for name, shape in STAGE_SHAPES.items():
+        P, G = shape[:2]
         stage, bench, useful = [], [], []
         for r in range(args.rounds):
-            t0 = time.perf_counter()
-            new = dec = 0
-            for s in range(0, P, per_call):
-                g = generate(model, ids[s:s + per_call], px[s:s + per_call], num_samples=G, max_new_tokens=L,
-                             temperature=T, stop_ids=(tok.im_end_id, tok.eos_id), pad_id=tok.pad_id,
-                             generator=torch.Generator().manual_seed(r))
-                new, dec = new + int(g.lengths.sum()), dec + g.decoded
-            stage.append(new / (time.perf_counter() - t0))
+            dt, new, dec = sample_shape(model, ids, px, shape, L, r, (tok.im_end_id, tok.eos_id), tok.pad_id)
+            stage.append(new / dt)
             useful.append(new / max(1, dec))
-            t0 = time.perf_counter()
-            for s in range(0, P, per_call):
-                generate(model, bids[s:s + per_call].tolist(), bpx[s:s + per_call], num_samples=G, max_new_tokens=L,
-                         temperature=T, stop_ids=[NEVER], generator=torch.Generator().manual_seed(r))
-            bench.append(P * G * L / (time.perf_counter() - t0))
+            dt, new, _ = sample_shape(model, bids.tolist(), bpx, shape, L, r)
+            bench.append(new / dt)
         ratio = statistics.median(a / b for a, b in zip(stage, bench))
         print(f"{name:<12}{P * G:>6}{statistics.median(stage):>13,.0f}{statistics.median(bench):>13,.0f}"
               f"{ratio:>7.2f}{100 * statistics.median(useful):>7.0f}%", flush=True)

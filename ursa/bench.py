@@ -256,18 +256,28 @@ STAGE_SHAPES = {               # name: (prompts, samples per prompt, prompts per
 }
 
 
+def sample_shape(model: URSAModel, prompts: list, pixels, shape: tuple, new_tokens: int, seed: int = 0,
+                 stop_ids=(NEVER,), pad_id: int = 0) -> tuple[float, int, int]:
+    """generate at one of STAGE_SHAPES (P prompts, G samples each, per_call prompts per call, T) on
+    the first P prompts -> (seconds, new tokens up to each stop, Generation.decoded summed)."""
+    P, G, per_call, T = shape
+    gen = torch.Generator().manual_seed(seed)
+    new = dec = 0
+    t0 = time.perf_counter()
+    for s in range(0, P, per_call):
+        g = generate(model, prompts[s:s + per_call], pixels[s:s + per_call], num_samples=G, max_new_tokens=new_tokens,
+                     temperature=T, stop_ids=stop_ids, pad_id=pad_id, generator=gen)
+        new, dec = new + int(g.lengths.sum()), dec + g.decoded
+    return time.perf_counter() - t0, new, dec
+
+
 def bench_stages(model: URSAModel, prompt_len: int, new_tokens: int, seed: int = 0) -> dict:
     """Completions/s and new tokens/s of generate at the stages' shapes (STAGE_SHAPES)."""
     g = torch.Generator().manual_seed(seed)
     out = {}
     for name, (P, G, per_call, T) in STAGE_SHAPES.items():
         ids, px, _ = random_batch(model.cfg, P, prompt_len, g)
-        gen = torch.Generator().manual_seed(seed)
-        t0 = time.perf_counter()
-        for s in range(0, P, per_call):
-            generate(model, ids[s:s + per_call].tolist(), px[s:s + per_call], num_samples=G,
-                     max_new_tokens=new_tokens, temperature=T, stop_ids=[NEVER], generator=gen)
-        dt = time.perf_counter() - t0
+        dt, _, _ = sample_shape(model, ids.tolist(), px, (P, G, per_call, T), new_tokens, seed)
         out[name] = {"rows": P * G, "rows_per_call": per_call * G, "completions_per_s": P * G / dt,
                      "new_tokens_per_s": P * G * new_tokens / dt, "seconds": dt}
     return out

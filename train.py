@@ -413,7 +413,7 @@ def stage_grpo(run: Path, recipe: Recipe, tok: Tokenizer, rt: Runtime, stop_afte
                                            [token_step_index(texts[i], starts[i], len(scores[i])) for i in range(R)],
                                            ids.shape[1])
         adv = rollout_advantages(reward, rw.view(-1, G), correct.view(-1, G), scores, token_step, S.scale_std)
-        t_score = time.time() - t0 - t_gen                                  # judging + PRM scoring
+        t_score = time.time() - t0 - t_gen                                  # judging, PRM scores, rewards, batch
         px_rows = px.repeat_interleave(G, dim=0)                                                     # [R, 3, S, S]
         ref_lp = _logprobs(ref, ids, am, px_rows, T, opt.micro_batch, rt, opt.bf16)
         old_lp = _logprobs(policy, ids, am, px_rows, T, opt.micro_batch, rt, opt.bf16) if E > 1 else None

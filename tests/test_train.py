@@ -59,6 +59,8 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert json.loads((run / "results.json").read_text()) == jsonable(res)          # NaN written as null
     assert "PS-GRPO" in (run / "results.md").read_text()
     assert json.loads((run / "label" / "state.json").read_text())["pairs"] == micro_recipe(tmp).label.pairs == 4
+    speed = json.loads((run / "label" / "state.json").read_text())["speed"]
+    assert speed["decoded_tokens_s"] >= speed["new_tokens_s"] > 0      # decoded includes stopped rows' tokens
     # the PRM's class balance comes from its training split only (not the held-out records)
     from ursa.prm import balance_weight
     from ursa.results import split_by_problem

@@ -34,7 +34,7 @@ from ursa.benchmarks import format_report, read_records, rescore, write_verdicts
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
                            prm_diagnosis, prm_scores, problem_pixels, sample)
 from ursa.release import inspect_released, load_released
-from ursa.results import error_breakdown, oracle_verdicts, pct, prm_quality
+from ursa.results import error_breakdown, format_pair_test, mie_pair_test, oracle_verdicts, pct, prm_quality
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
 
@@ -120,10 +120,12 @@ def run_toy(args):
     if args.prm_diagnosis:
         print(prm_diagnosis(recs, s, scores))
     if args.oracle:
-        q = prm_quality(oracle_verdicts(recs, s), scores)
+        q = prm_quality(oracle_verdicts(recs, s), scores, s.correct)
         print(f"PRM against the oracle (ProcessBench-style): first error exact on {q['wrong']} wrong samples "
               f"{100 * q['acc_wrong']:.1f}%, no error on {q['right']} right ones {100 * q['acc_right']:.1f}%, "
-              f"F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} ({q['unparsable']} unparsable)")
+              f"F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} ({q['unparsable']} unparsable); "
+              f"within-problem AUC {q['within_problem_auc']:.3f} over {q['mixed_problems']} mixed problems")
+        print(format_pair_test(mie_pair_test(prm, tok, recs, px)))
 
 
 def run_benchmark(args):

@@ -78,3 +78,38 @@ def test_heldout_split_is_disjoint_by_problem():
     assert 20 <= len(ph) <= 60                                   # about 20% of 200 problems
     assert len(train) + len(held) == len(recs)
     assert split_by_problem(recs, 0.2) == (train, held)          # the same split on every call
+
+
+def test_process_bench_by_hand():
+    from ursa.evaluate import process_bench
+    # solution 0: first error at step 2, the PRM's first score below 0.5 is step 2 -> hit
+    # solution 1: first error at step 1, the PRM finds none -> miss
+    # solution 2: all right, every score >= 0.5 -> hit; solution 3: all right, step 3 below 0.5 -> miss
+    fe = [2, 1, None, None]
+    labels = [[1, 0, 0], [0, 0], [1, 1, 1], [1, 1, 1]]
+    scores = [[0.9, 0.2, 0.4], [0.6, 0.7], [0.8, 0.5, 0.9], [0.9, 0.8, 0.3]]
+    q = process_bench(fe, labels, scores)
+    assert (q["acc_wrong"], q["acc_right"], q["wrong"], q["right"], q["steps"]) == (0.5, 0.5, 2, 2, 11)
+    assert q["f1"] == pytest.approx(0.5)
+    # step AUC by hand: 7 label-1 scores vs 4 label-0 scores {0.2, 0.4, 0.6, 0.7}
+    ones = [0.9, 0.8, 0.5, 0.9, 0.9, 0.8, 0.3]
+    zeros = [0.2, 0.4, 0.6, 0.7]
+    want = sum((a > b) + 0.5 * (a == b) for a in ones for b in zeros) / 28
+    assert q["step_auc"] == pytest.approx(want)
+    # a solution whose last step has no score: only the scored steps count
+    q2 = process_bench([None], [[1, 1, 1]], [[0.9, 0.9]])
+    assert q2["steps"] == 2 and q2["acc_right"] == 1.0
+
+
+def test_within_problem_auc_by_hand_ignores_between_problem_separation():
+    from ursa.evaluate import within_problem_auc
+    correct = [[True, False, False], [True, True], [False, True]]
+    # problem 0: right 0.5 vs wrong {0.4, 0.5} -> (1 + 0.5) / 2 = 0.75; problem 1 all right: skipped;
+    # problem 2: right 0.1 vs wrong 0.2 -> 0.0. Pooled, right samples would look better (0.5, 0.9 high).
+    scores = [[[0.5], [0.4], [0.5]], [[0.9], [0.9]], [[0.2], [0.1]]]
+    w = within_problem_auc(correct, scores)
+    assert w == {"auc": pytest.approx(0.375), "problems": 2}
+    # the aggregation matters: min of [0.9, 0.1] is 0.1 < 0.3, the mean 0.5 > 0.3
+    c2, s2 = [[True, False]], [[[0.9, 0.1], [0.3, 0.3]]]
+    assert within_problem_auc(c2, s2, "mean")["auc"] == 1.0 and within_problem_auc(c2, s2, "min")["auc"] == 0.0
+    assert math.isnan(within_problem_auc([[True]], [[[0.5]]])["auc"])

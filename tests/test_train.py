@@ -58,6 +58,12 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert set(res["policies"]["sft"]["best_of_n"]["2"]) == {"maj", "pass", "weighted", "min", "mean", "last", "product"}
     assert json.loads((run / "results.json").read_text()) == jsonable(res)          # NaN written as null
     assert "PS-GRPO" in (run / "results.md").read_text()
+    # the PRM's within-problem ranking and its clean-pair test are measured and rendered
+    q = res["prm_quality"]
+    assert 0 <= q["mixed_problems"] <= res["settings"]["n_test"]
+    assert q["mixed_problems"] == 0 or 0.0 <= q["within_problem_auc"] <= 1.0
+    assert res["prm_pairs"] and all(e["n"] > 0 and 0.0 <= e["step_lower"] <= 1.0 for e in res["prm_pairs"].values())
+    assert "clean pairs" in (run / "results.md").read_text()
     assert json.loads((run / "label" / "state.json").read_text())["pairs"] == micro_recipe(tmp).label.pairs == 4
     speed = json.loads((run / "label" / "state.json").read_text())["speed"]
     assert speed["decoded_tokens_s"] >= speed["new_tokens_s"] > 0      # decoded includes stopped rows' tokens

@@ -791,3 +791,36 @@ def test_patch_attributes_by_hand():
     assert pb[3] == pb[15] == [1, 0, 0, 0, 3]
     grid = {"family": "grid", "scene": {"w": 5, "h": 3, "cut": {"w": 2, "h": 1, "corner": 0}}}
     assert set(map(tuple, patch_attributes(grid))) == {(2, 5, 3, 2, 1)}
+
+
+def test_mie_pair_test_reads_the_corrupted_step(monkeypatch):
+    """A judge that marks only the first step differing from the reference finds every corruption at
+    its step (reading any other position, e.g. the last, would miss some); a blind one finds none."""
+    import torch
+    from ursa import prm as prm_mod
+    from ursa.results import mie_pair_test
+    recs = [{"id": pid, "question": world.problem_from_id(pid).question}
+            for pid in ("train-shapes-0", "train-bars-1", "train-grid-1")]
+    refs = {r["question"]: world.problem_from_id(r["id"]).steps for r in recs}
+
+    def knowing(model, tok, questions, tagged, pixels=None, batch_size=64):
+        out = []
+        for q, t in zip(questions, tagged):
+            steps = [s.strip() for s in t.split("†Answer:")[0].split(prm_mod.STEP_TAG)[:-1]]
+            first = next((k for k, s in enumerate(steps) if k >= len(refs[q]) or s != refs[q][k]), None)
+            out.append([0.0 if k == first else 1.0 for k in range(len(steps))])
+        return out
+
+    px = torch.zeros(len(recs), 3, 4, 4)
+    monkeypatch.setattr(prm_mod, "score_steps", knowing)
+    res = mie_pair_test(None, None, recs, px)
+    kinds = {k for r in recs for k in corruption_kinds(world.problem_from_id(r["id"]))}
+    assert set(res) == kinds and sum(e["n"] for e in res.values()) == sum(
+        len(corruption_kinds(world.problem_from_id(r["id"]))) for r in recs)
+    assert all(e["step_lower"] == 1.0 and e["solution_lower"] == 1.0 for e in res.values())
+
+    def blind(model, tok, questions, tagged, pixels=None, batch_size=64):
+        return [[0.5] * t.count(prm_mod.STEP_TAG) for t in tagged]
+
+    monkeypatch.setattr(prm_mod, "score_steps", blind)
+    assert all(e["step_lower"] == 0.0 for e in mie_pair_test(None, None, recs, px).values())

@@ -283,3 +283,23 @@ def process_bench(first_errors: Sequence[Optional[int]], labels: Sequence[Sequen
     fl = [y for s, lab in zip(scores, labels) for y in lab[:len(s)]]
     return {"acc_wrong": aw, "acc_right": ar, "f1": f1, "step_auc": auc(fs, fl) if fs else float("nan"),
             "wrong": len(hit_w), "right": len(hit_r), "steps": len(fs)}
+
+
+def within_problem_auc(correct: Sequence[Sequence[bool]], scores: Sequence[Sequence[Sequence[float]]],
+                       how: str = "mean") -> dict:
+    """How well a PRM ranks the samples OF ONE PROBLEM, which is all best-of-N asks of it.
+
+    For every problem with both right and wrong samples: P(aggregate(right sample) >
+    aggregate(wrong sample)) over its (right, wrong) pairs, ties counted half (ursa.prm.aggregate,
+    rule `how`); averaged over those problems. 0.5 is a judge that cannot tell them apart, however
+    well its scores separate easy problems from hard ones (which a pooled step AUC also rewards).
+    Returns {"auc": mean (nan if no problem is mixed), "problems": number of mixed problems}."""
+    per = []
+    for c, ss in zip(correct, scores):
+        a = [aggregate(x, how) for x in ss]
+        right = [v for v, ok in zip(a, c) if ok]
+        wrong = [v for v, ok in zip(a, c) if not ok]
+        if right and wrong:
+            per.append(sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong)))
+    return {"auc": sum(per) / len(per) if per else float("nan"), "problems": len(per)}
+

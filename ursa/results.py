@@ -149,14 +149,50 @@ def error_breakdown(records, verdicts: list) -> dict:
     return out
 
 
-def prm_quality(verdicts: list, scores: list) -> dict:
+def prm_quality(verdicts: list, scores: list, correct: Optional[list] = None) -> dict:
     """ProcessBench-style metrics of one PRM on sampled solutions with oracle step labels
-    (unparsable solutions skipped and counted)."""
-    from ursa.evaluate import process_bench
+    (unparsable solutions skipped and counted); with `correct` (the samples' verdicts, [i][j])
+    also the within-problem AUC of the Eq. 10 aggregate (ursa.evaluate.within_problem_auc)."""
+    from ursa.evaluate import process_bench, within_problem_auc
     flat = [(v, sc) for vs, ss in zip(verdicts, scores) for v, sc in zip(vs, ss)]
     ok = [(v, sc) for v, sc in flat if v is not None]
     q = process_bench([v.first_error for v, _ in ok], [v.labels for v, _ in ok], [sc for _, sc in ok])
-    return {**q, "unparsable": len(flat) - len(ok)}
+    q["unparsable"] = len(flat) - len(ok)
+    if correct is not None:
+        w = within_problem_auc(correct, scores, EQ10_RULE)
+        q["within_problem_auc"], q["mixed_problems"] = w["auc"], w["problems"]
+    return q
+
+
+def mie_pair_test(prm, tok, records, pixels: torch.Tensor, seed: int = 0) -> dict:
+    """The PRM on clean pairs: every toy record's reference solution against one MIE corruption of
+    it per corruption kind that applies (ursa.mie; the two differ from the corrupted step on, and
+    only there is one wrong). Per kind: n, step_lower (share of pairs whose corrupted step scores
+    below the reference's same step) and solution_lower (the Eq. 10 aggregate lower). 0.5 is a
+    PRM that cannot see the error; a verifier is near 1."""
+    import random
+    from ursa import world
+    from ursa.mie import corrupt, corruption_kinds
+    from ursa.prm import aggregate, score_steps, tag_steps
+    rng = random.Random(seed)
+    qs, texts, rows, meta = [], [], [], []
+    for i, r in enumerate(records):
+        p = world.problem_from_id(r["id"])
+        for kind in [None] + corruption_kinds(p):
+            steps, answer, k = (p.steps, p.answer, None) if kind is None else corrupt(p, rng, kind=kind)
+            qs.append(r["question"]), texts.append(tag_steps(steps, answer)), rows.append(i), meta.append((i, kind, k))
+    sc = score_steps(prm, tok, qs, texts, pixels[torch.tensor(rows, dtype=torch.long)])
+    ref = {i: s for (i, kind, _), s in zip(meta, sc) if kind is None}
+    out: dict = {}
+    for (i, kind, k), s in zip(meta, sc):
+        if kind is None:
+            continue
+        e = out.setdefault(kind, {"n": 0, "step_lower": 0, "solution_lower": 0})
+        e["n"] += 1
+        e["step_lower"] += s[k] < ref[i][k]
+        e["solution_lower"] += aggregate(s, EQ10_RULE) < aggregate(ref[i], EQ10_RULE)
+    return {kind: {"n": e["n"], "step_lower": e["step_lower"] / e["n"], "solution_lower": e["solution_lower"] / e["n"]}
+            for kind, e in out.items()}
 
 
 def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> dict:
@@ -181,7 +217,9 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         if stage == "sft":
             summary["greedy_errors"] = error_breakdown(test, oracle_verdicts(test, extra["greedy"]))
         if stage == "sft" and "scores" in extra:
-            res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"])
+            res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"],
+                                             extra["samples"].correct)
+            res["prm_pairs"] = mie_pair_test(prm, tok, test, problem_pixels(test, data, prm.cfg.vision))
             plot_best_of_n(run / "best_of_n.png", summary, "SFT policy on the toy test")
         if stage == "sft":
             for mode in ("blank", "shuffled"):
@@ -224,6 +262,13 @@ def plot_best_of_n(path: Path, summary: dict, title: str):
                x_ticks=ns)
 
 
+def format_pair_test(pairs: dict) -> str:
+    """One line: mie_pair_test's shares per corruption kind."""
+    parts = [f"{kind} {100 * e['step_lower']:.1f}% (n={e['n']})" for kind, e in pairs.items()]
+    return ("PRM on clean pairs (reference vs one MIE corruption; share whose corrupted step scores lower, "
+            "0.5 = blind): " + ", ".join(parts))
+
+
 def render_results(res: dict) -> str:
     """results.md from results.json alone."""
     P = res["policies"]
@@ -262,7 +307,12 @@ def render_results(res: dict) -> str:
                    f"scoring below 0.5 is the predicted first error): exact first error on {q['wrong']} wrong "
                    f"solutions {100 * q['acc_wrong']:.1f}%, no error predicted on {q['right']} right ones "
                    f"{100 * q['acc_right']:.1f}%, F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} "
-                   f"({q['unparsable']} unparsable samples skipped)")
+                   f"({q['unparsable']} unparsable samples skipped)"
+                   + (f"; within-problem AUC {q['within_problem_auc']:.3f} over {q['mixed_problems']} problems with "
+                      f"right and wrong samples (0.5: no better than chance at what best-of-N asks)"
+                      if "within_problem_auc" in q else ""))
+    if res.get("prm_pairs"):
+        out.append(format_pair_test(res["prm_pairs"]))
     if res.get("label_quality"):
         rows = [("labels", "solutions", "exact first error", "too early", "too late", "unparsable")]
         names = {"bel": "BEL records", "mie": "MIE records", "correct": "correct records",
@@ -296,17 +346,20 @@ def evaluate_prm_ablation(run: Path, recipe, prms: dict, rt, quiet: bool = False
         bon = best_of_n_table(test, s, scores)
         per[name] = bon[N][EQ10_RULE]
         res["prms"][name] = {"best_of_n": {str(n): {r: acc_record(v) for r, v in rules.items()} for n, rules in bon.items()},
-                             "quality": prm_quality(verdicts, scores)}
+                             "quality": prm_quality(verdicts, scores, s.correct), "pairs": mie_pair_test(prm, tok, test, px)}
         first = first or name
         if name != first:
             res["paired"][f"{name}_minus_{first}_best_of_{N}"] = paired_bootstrap(per[name], per[first])
     io.write_json(run / "prm_ablation.json", res)
     rows = [("PRM labels", f"best-of-{N} ({EQ10_RULE})", f"maj@{N}", f"pass@{N}", "first error exact (wrong)",
-             "no error (right)", "F1", "step AUC")]
+             "no error (right)", "F1", "step AUC", "within-problem AUC", "clean pairs (perception / arithmetic / option)")]
     for name, e in res["prms"].items():
         b, q = e["best_of_n"][str(N)], e["quality"]
         rows.append((name, pct(b[EQ10_RULE]), pct(b["maj"]), pct(b["pass"]), f"{100 * q['acc_wrong']:.1f}%",
-                     f"{100 * q['acc_right']:.1f}%", f"{100 * q['f1']:.1f}", f"{q['step_auc']:.3f}"))
+                     f"{100 * q['acc_right']:.1f}%", f"{100 * q['f1']:.1f}", f"{q['step_auc']:.3f}",
+                     f"{q['within_problem_auc']:.3f}",
+                     " / ".join(f"{100 * e['pairs'][k]['step_lower']:.0f}%" if k in e["pairs"] else "-"
+                                for k in ("perception", "arithmetic", "option"))))
     text = table(rows) + "".join(f"\n\n{k}: {diff_pct(d)} points (paired 95% interval)" for k, d in res["paired"].items())
     io.write_text(run / "prm_ablation.md", text + "\n")
     if not quiet:

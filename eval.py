@@ -7,6 +7,9 @@ Toy test sets (greedy; N samples at T = 1: maj@N, pass@N; with --prm: best-of-N 
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 0 --oracle   # where errors start
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --blank-images
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 8 --prm runs/toy/prm/model --prm-diagnosis
+    python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 16 --prm runs/toy/prm/model --oracle
+        # + the PRM against the oracle's step labels, the PRM and the policy on clean MIE pairs, and
+        #   best-of-N with the policy's own step likelihoods as the judge (docs/results.md)
 
 Released models (Hugging Face layout folders, docs/released_models.md) on a benchmark file:
 
@@ -32,9 +35,11 @@ from ursa import io
 from ursa.benchmark_run import best_of_n_with_prm, run_benchmark as generate_on
 from ursa.benchmarks import format_report, read_records, rescore, write_verdicts
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
-                           prm_diagnosis, prm_scores, problem_pixels, sample)
+                           likelihood_best_of_n, prm_diagnosis, prm_scores, problem_pixels, sample, step_logprobs)
+from ursa.prm import split_steps
 from ursa.release import inspect_released, load_released
-from ursa.results import error_breakdown, format_pair_test, mie_pair_test, oracle_verdicts, pct, prm_quality
+from ursa.results import (error_breakdown, format_pair_test, mie_pair_test, oracle_verdicts, pct, policy_pair_test,
+                          prm_quality)
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
 
@@ -58,8 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prm", help="PRM folder: adds PRM best-of-N (toy: N = 1, 2, 4, ..., --n)")
     p.add_argument("--prm-diagnosis", action="store_true", help="with --prm: scores of right vs wrong samples")
     p.add_argument("--oracle", action="store_true",
-                   help="toy test sets: where each greedy response first goes wrong, and (with --prm) the "
-                        "PRM's step verdicts, against the world's oracle")
+                   help="toy test sets: where each greedy response first goes wrong; with --prm also the PRM's "
+                        "step verdicts against the world's oracle, the PRM and the policy on clean MIE pairs, "
+                        "and the policy's step likelihoods as a best-of-N judge")
     p.add_argument("--how", default="mean", choices=("min", "mean", "last", "product"),
                    help="benchmark best-of-N aggregation of the step scores (Eq. 10: mean)")
     p.add_argument("--tag-rule", choices=("released", "strict"), default="released",
@@ -126,6 +132,13 @@ def run_toy(args):
               f"F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} ({q['unparsable']} unparsable); "
               f"within-problem AUC {q['within_problem_auc']:.3f} over {q['mixed_problems']} mixed problems")
         print(format_pair_test(mie_pair_test(prm, tok, recs, px)))
+        print(format_pair_test(policy_pair_test(model, tok, recs, px), "policy"))
+        lps = step_logprobs(model, tok, [r["question"] for r in recs for _ in range(args.n)],
+                            [split_steps(t)[0] for ts in s.responses for t in ts],
+                            px.repeat_interleave(args.n, dim=0))
+        lp = [lps[i * args.n:(i + 1) * args.n] for i in range(len(recs))]
+        print(f"policy likelihood as the judge (best-of-{args.n}: the sample whose least likely step is most likely): "
+              f"{pct(acc_record(likelihood_best_of_n(s, lp)))}")
 
 
 def run_benchmark(args):

@@ -1,8 +1,10 @@
 """ursa/evaluate.py and ursa/results.py: selection rules, pass@N, intervals, paired bootstrap, the
 held-out split; hand-made inputs with hand-computed answers."""
 import math
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from ursa.evaluate import (acc_record, best_of_n_table, fmt_acc, judge_all, paired_bootstrap,
                            selection_verdicts, wilson)
@@ -113,3 +115,38 @@ def test_within_problem_auc_by_hand_ignores_between_problem_separation():
     c2, s2 = [[True, False]], [[[0.9, 0.1], [0.3, 0.3]]]
     assert within_problem_auc(c2, s2, "mean")["auc"] == 1.0 and within_problem_auc(c2, s2, "min")["auc"] == 0.0
     assert math.isnan(within_problem_auc([[True]], [[[0.5]]])["auc"])
+
+
+class _Bigram(torch.nn.Module):
+    """A stand-in policy whose next-token logits depend only on the current token: log p(b | a) = W[a, b]."""
+
+    def __init__(self, vocab, num_tokens=2):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.W = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.cfg = SimpleNamespace(vision=SimpleNamespace(num_tokens=num_tokens))
+
+    def forward(self, ids, px, attention_mask=None):
+        return SimpleNamespace(logits=self.W[ids])                     # [B, T, V]
+
+
+def test_step_logprobs_match_incremental_encodings_by_hand():
+    from ursa.evaluate import step_logprobs
+    from ursa.prm import join_steps
+    from ursa.tokenizer import train_toy_tokenizer
+    sols = [["Step 1: There are 3 red circles.", "Step 2: 3 * 5 = 15."],
+            ["Step 1: There is 1 square.", "Step 2: 1 * 4 = 5.", "Step 3: 5 is option (B)."]]
+    qs = ["How many red circles?", "What is the total?"]
+    tok = train_toy_tokenizer([join_steps(s, "15") + q for s, q in zip(sols, qs)] * 10, vocab_size=300)
+    m = _Bigram(tok.vocab_size)
+    lsm = m.W.detach().log_softmax(-1)
+    got = step_logprobs(m, tok, qs, sols, torch.zeros(2, 3, 4, 4), batch_size=1)
+    assert got == step_logprobs(m, tok, qs, sols, torch.zeros(2, 3, 4, 4), batch_size=2)   # padding changes nothing
+    for q, st, g in zip(qs, sols, got):
+        prompt = tok.encode_prompt(q, image=True, num_image_tokens=2)
+        want = []
+        for k in range(len(st)):            # step k = the tokens that encoding steps[:k+1] adds to steps[:k] + "\n\n"
+            pre = tok.encode(join_steps(st[:k], None) + "\n\n") if k else []
+            ids = prompt + tok.encode(join_steps(st[:k + 1], None))
+            want.append(sum(float(lsm[ids[t - 1], ids[t]]) for t in range(len(prompt) + len(pre), len(ids))))
+        assert g == pytest.approx(want, abs=1e-5)

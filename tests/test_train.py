@@ -63,7 +63,12 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert 0 <= q["mixed_problems"] <= res["settings"]["n_test"]
     assert q["mixed_problems"] == 0 or 0.0 <= q["within_problem_auc"] <= 1.0
     assert res["prm_pairs"] and all(e["n"] > 0 and 0.0 <= e["step_lower"] <= 1.0 for e in res["prm_pairs"].values())
-    assert "clean pairs" in (run / "results.md").read_text()
+    assert set(res["policy_pairs"]) == set(res["prm_pairs"])          # the same pairs, judged by the SFT policy
+    j = res["policy_judge"]
+    assert j["n"] == res["settings"]["bon_samples"] and j["best_of_n"]["n"] == res["settings"]["n_test"]
+    assert abs(j["minus_maj"]["diff"] - (j["best_of_n"]["acc"] - res["policies"]["sft"]["best_of_n"][str(j["n"])]["maj"]["acc"])) < 1e-9
+    md = (run / "results.md").read_text()
+    assert "PRM on clean pairs" in md and "policy on clean pairs" in md and "step likelihoods as the judge" in md
     assert json.loads((run / "label" / "state.json").read_text())["pairs"] == micro_recipe(tmp).label.pairs == 4
     speed = json.loads((run / "label" / "state.json").read_text())["speed"]
     assert speed["decoded_tokens_s"] >= speed["new_tokens_s"] > 0      # decoded includes stopped rows' tokens

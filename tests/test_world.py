@@ -824,3 +824,31 @@ def test_mie_pair_test_reads_the_corrupted_step(monkeypatch):
 
     monkeypatch.setattr(prm_mod, "score_steps", blind)
     assert all(e["step_lower"] == 0.0 for e in mie_pair_test(None, None, recs, px).values())
+
+
+def test_policy_pair_test_reads_the_corrupted_step(monkeypatch):
+    """The policy-likelihood pair test compares the corrupted step with the reference's SAME step:
+    a judge that finds only the first step differing from the reference unlikely gets 1.0 on every
+    kind, one that finds every step equally likely 0.0."""
+    import torch
+    from ursa import evaluate
+    from ursa.results import policy_pair_test
+    recs = [{"id": pid, "question": world.problem_from_id(pid).question}
+            for pid in ("train-shapes-0", "train-bars-1", "train-grid-1")]
+    refs = {r["question"]: world.problem_from_id(r["id"]).steps for r in recs}
+
+    def knowing(policy, tok, questions, steps, pixels, batch_size=32):
+        out = []
+        for q, st in zip(questions, steps):
+            first = next((k for k, s in enumerate(st) if k >= len(refs[q]) or s != refs[q][k]), None)
+            out.append([-9.0 if k == first else -1.0 for k in range(len(st))])
+        return out
+
+    px = torch.zeros(len(recs), 3, 4, 4)
+    monkeypatch.setattr(evaluate, "step_logprobs", knowing)
+    res = policy_pair_test(None, None, recs, px)
+    assert set(res) == {k for r in recs for k in corruption_kinds(world.problem_from_id(r["id"]))}
+    assert all(e["step_lower"] == 1.0 and e["n"] > 0 for e in res.values())
+    monkeypatch.setattr(evaluate, "step_logprobs", lambda policy, tok, q, steps, px, batch_size=32:
+                        [[-1.0] * len(s) for s in steps])
+    assert all(e["step_lower"] == 0.0 for e in policy_pair_test(None, None, recs, px).values())

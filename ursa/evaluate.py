@@ -303,3 +303,57 @@ def within_problem_auc(correct: Sequence[Sequence[bool]], scores: Sequence[Seque
             per.append(sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong)))
     return {"auc": sum(per) / len(per) if per else float("nan"), "problems": len(per)}
 
+
+
+@torch.no_grad()
+def step_logprobs(policy, tok, questions: Sequence[str], steps: Sequence[Sequence[str]], pixels: torch.Tensor,
+                  batch_size: int = 32) -> list[list[float]]:
+    """The policy as its own judge: log p(step k | image, question, steps before k), teacher-forced.
+
+    steps[i]: solution i's step texts (headers included), encoded as SFT encodes a response (the
+    steps joined by blank lines); pixels: [n, 3, S, S]. A token counts for step k when its first
+    character lies inside step k's text (the blank lines between steps count for none). Returns per
+    solution one summed log-probability per step, so a step the policy would not have written scores low."""
+    from ursa.prm import join_steps
+    rows, spans = [], []
+    for q, st in zip(questions, steps):
+        text = join_steps(st, None)
+        enc = tok.tok.encode(text, add_special_tokens=False)
+        prompt = tok.encode_prompt(q, image=True, num_image_tokens=policy.cfg.vision.num_tokens)
+        starts, pos = [], 0
+        for s in st:
+            starts.append(text.index(s, pos))
+            pos = starts[-1] + len(s)
+        owner = [next((k for k, b in enumerate(starts) if b <= a < b + len(st[k])), -1) for a, _ in enc.offsets]
+        rows.append(prompt + enc.ids)
+        spans.append((len(prompt), owner, len(st)))
+    dev = next(policy.parameters()).device
+    out = []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s:s + batch_size]
+        T = max(len(r) for r in chunk)
+        ids = torch.full((len(chunk), T), tok.pad_id, dtype=torch.long)
+        am = torch.zeros((len(chunk), T), dtype=torch.long)
+        for i, r in enumerate(chunk):
+            ids[i, :len(r)], am[i, :len(r)] = torch.tensor(r), 1
+        logits = policy(ids.to(dev), pixels[s:s + batch_size].to(dev), attention_mask=am.to(dev)).logits
+        lp = logits[:, :-1].float().log_softmax(-1).gather(-1, ids[:, 1:, None].to(dev))[..., 0].cpu()  # [b, T-1]
+        for i, (P, owner, n) in enumerate(spans[s:s + batch_size]):
+            per = [0.0] * n
+            for j, k in enumerate(owner):            # response token j is ids[P + j], predicted at P + j - 1
+                if k >= 0:
+                    per[k] += float(lp[i, P + j - 1])
+            out.append(per)
+    return out
+
+
+def likelihood_best_of_n(s: Samples, logprobs: list, n: Optional[int] = None) -> list[bool]:
+    """Per record: best-of-n with the policy's own step log-likelihoods as the judge (logprobs[i][j]:
+    step_logprobs of sample j): the sample whose least likely step is most likely wins (a sample
+    without steps never does). What a verifier that knows only what the policy knows can pick."""
+    n = n or s.n
+    out = []
+    for c, lp in zip(s.correct, logprobs):
+        worst = [min(x) if x else float("-inf") for x in lp[:n]]
+        out.append(c[max(range(len(worst)), key=worst.__getitem__)])
+    return out

@@ -164,35 +164,76 @@ def prm_quality(verdicts: list, scores: list, correct: Optional[list] = None) ->
     return q
 
 
-def mie_pair_test(prm, tok, records, pixels: torch.Tensor, seed: int = 0) -> dict:
-    """The PRM on clean pairs: every toy record's reference solution against one MIE corruption of
-    it per corruption kind that applies (ursa.mie; the two differ from the corrupted step on, and
-    only there is one wrong). Per kind: n, step_lower (share of pairs whose corrupted step scores
-    below the reference's same step) and solution_lower (the Eq. 10 aggregate lower). 0.5 is a
-    PRM that cannot see the error; a verifier is near 1."""
+def mie_pairs(records, seed: int = 0) -> list:
+    """Clean pairs for the judges below: for every toy record, its reference solution (kind None) and
+    one MIE corruption of it per corruption kind that applies (ursa.mie); the two differ from the
+    corrupted step on, and only there is one wrong. Items (record index, kind, steps, answer,
+    corrupted step index or None)."""
     import random
     from ursa import world
     from ursa.mie import corrupt, corruption_kinds
-    from ursa.prm import aggregate, score_steps, tag_steps
     rng = random.Random(seed)
-    qs, texts, rows, meta = [], [], [], []
+    out = []
     for i, r in enumerate(records):
         p = world.problem_from_id(r["id"])
-        for kind in [None] + corruption_kinds(p):
-            steps, answer, k = (p.steps, p.answer, None) if kind is None else corrupt(p, rng, kind=kind)
-            qs.append(r["question"]), texts.append(tag_steps(steps, answer)), rows.append(i), meta.append((i, kind, k))
-    sc = score_steps(prm, tok, qs, texts, pixels[torch.tensor(rows, dtype=torch.long)])
-    ref = {i: s for (i, kind, _), s in zip(meta, sc) if kind is None}
+        out.append((i, None, list(p.steps), p.answer, None))
+        for kind in corruption_kinds(p):
+            steps, answer, k = corrupt(p, rng, kind=kind)
+            out.append((i, kind, steps, answer, k))
+    return out
+
+
+def pair_shares(pairs: list, scores: list, aggregate_fn=None) -> dict:
+    """Per corruption kind: n, step_lower (share of pairs whose corrupted step scores below the
+    reference's same step) and, with aggregate_fn, solution_lower (the whole solution's aggregate
+    lower). 0.5 is a judge that cannot see the error; a verifier is near 1."""
+    ref = {i: s for (i, kind, *_), s in zip(pairs, scores) if kind is None}
     out: dict = {}
-    for (i, kind, k), s in zip(meta, sc):
+    for (i, kind, _, _, k), s in zip(pairs, scores):
         if kind is None:
             continue
         e = out.setdefault(kind, {"n": 0, "step_lower": 0, "solution_lower": 0})
         e["n"] += 1
         e["step_lower"] += s[k] < ref[i][k]
-        e["solution_lower"] += aggregate(s, EQ10_RULE) < aggregate(ref[i], EQ10_RULE)
-    return {kind: {"n": e["n"], "step_lower": e["step_lower"] / e["n"], "solution_lower": e["solution_lower"] / e["n"]}
+        if aggregate_fn is not None:
+            e["solution_lower"] += aggregate_fn(s) < aggregate_fn(ref[i])
+    return {kind: {"n": e["n"], "step_lower": e["step_lower"] / e["n"],
+                   **({"solution_lower": e["solution_lower"] / e["n"]} if aggregate_fn is not None else {})}
             for kind, e in out.items()}
+
+
+def mie_pair_test(prm, tok, records, pixels: torch.Tensor, seed: int = 0) -> dict:
+    """The PRM on clean pairs (mie_pairs): per corruption kind, the share whose corrupted step the
+    PRM scores below the reference's (step_lower) and whose Eq. 10 aggregate is lower (solution_lower)."""
+    from ursa.prm import aggregate, score_steps, tag_steps
+    pairs = mie_pairs(records, seed)
+    sc = score_steps(prm, tok, [records[i]["question"] for i, *_ in pairs], [tag_steps(st, a) for _, _, st, a, _ in pairs],
+                     pixels[torch.tensor([i for i, *_ in pairs], dtype=torch.long)])
+    return pair_shares(pairs, sc, lambda s: aggregate(s, EQ10_RULE))
+
+
+def policy_pair_test(policy, tok, records, pixels: torch.Tensor, seed: int = 0) -> dict:
+    """The policy's own step log-likelihood (ursa.evaluate.step_logprobs) on the same clean pairs:
+    per kind, the share whose corrupted step the policy finds less likely than the reference's step.
+    What the policy already knows about each kind of error, for comparison with the PRM's shares."""
+    from ursa.evaluate import step_logprobs
+    pairs = mie_pairs(records, seed)
+    lp = step_logprobs(policy, tok, [records[i]["question"] for i, *_ in pairs], [st for _, _, st, _, _ in pairs],
+                       pixels[torch.tensor([i for i, *_ in pairs], dtype=torch.long)])
+    return pair_shares(pairs, lp)
+
+
+def policy_judge(policy, tok, records, s, pixels: torch.Tensor, verdicts: dict, N: int) -> dict:
+    """Best-of-N over the same samples with the policy's own step log-likelihoods as the judge
+    (ursa.evaluate.likelihood_best_of_n): what a verifier that knows only what the policy knows can
+    pick, against maj@N (verdicts: _policy_eval's per-record verdicts of the policy)."""
+    from ursa.evaluate import likelihood_best_of_n, step_logprobs
+    from ursa.prm import split_steps
+    n = s.n
+    lps = step_logprobs(policy, tok, [r["question"] for r in records for _ in range(n)],
+                        [split_steps(t)[0] for ts in s.responses for t in ts], pixels.repeat_interleave(n, dim=0))
+    v = likelihood_best_of_n(s, [lps[i * n:(i + 1) * n] for i in range(len(records))], N)
+    return {"best_of_n": acc_record(v), "minus_maj": paired_bootstrap(v, verdicts[f"maj@{N}"]), "n": N}
 
 
 def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> dict:
@@ -219,7 +260,10 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         if stage == "sft" and "scores" in extra:
             res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"],
                                              extra["samples"].correct)
-            res["prm_pairs"] = mie_pair_test(prm, tok, test, problem_pixels(test, data, prm.cfg.vision))
+            px = problem_pixels(test, data, prm.cfg.vision)
+            res["prm_pairs"] = mie_pair_test(prm, tok, test, px)
+            res["policy_pairs"] = policy_pair_test(model, tok, test, px)
+            res["policy_judge"] = policy_judge(model, tok, test, extra["samples"], px, per["sft"], N=recipe.bon_samples)
             plot_best_of_n(run / "best_of_n.png", summary, "SFT policy on the toy test")
         if stage == "sft":
             for mode in ("blank", "shuffled"):
@@ -262,10 +306,11 @@ def plot_best_of_n(path: Path, summary: dict, title: str):
                x_ticks=ns)
 
 
-def format_pair_test(pairs: dict) -> str:
-    """One line: mie_pair_test's shares per corruption kind."""
+def format_pair_test(pairs: dict, judge: str = "PRM") -> str:
+    """One line: mie_pair_test's (judge "PRM") or policy_pair_test's (judge "policy") shares per kind."""
     parts = [f"{kind} {100 * e['step_lower']:.1f}% (n={e['n']})" for kind, e in pairs.items()]
-    return ("PRM on clean pairs (reference vs one MIE corruption; share whose corrupted step scores lower, "
+    what = "scores lower" if judge == "PRM" else "is less likely under the policy"
+    return (f"{judge} on clean pairs (reference vs one MIE corruption; share whose corrupted step {what}, "
             "0.5 = blind): " + ", ".join(parts))
 
 
@@ -313,6 +358,12 @@ def render_results(res: dict) -> str:
                       if "within_problem_auc" in q else ""))
     if res.get("prm_pairs"):
         out.append(format_pair_test(res["prm_pairs"]))
+    if res.get("policy_pairs"):
+        out.append(format_pair_test(res["policy_pairs"], "policy"))
+    if res.get("policy_judge"):
+        j = res["policy_judge"]
+        out.append(f"The policy's own step likelihoods as the judge, best-of-{j['n']} over the same samples: "
+                   f"{pct(j['best_of_n'])} ({diff_pct(j['minus_maj'])} points against maj@{j['n']})")
     if res.get("label_quality"):
         rows = [("labels", "solutions", "exact first error", "too early", "too late", "unparsable")]
         names = {"bel": "BEL records", "mie": "MIE records", "correct": "correct records",

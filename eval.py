@@ -8,7 +8,8 @@ Toy test sets (greedy; N samples at T = 1: maj@N, pass@N; with --prm: best-of-N 
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --blank-images
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 8 --prm runs/toy/prm/model --prm-diagnosis
     python eval.py --model runs/toy/sft/model --data data/toy/test.jsonl --n 16 --prm runs/toy/prm/model --oracle
-        # + the PRM against the oracle's step labels, the PRM and the policy on clean MIE pairs, and
+        # + the PRM against the oracle's step labels, where a verifier could gain over maj@N, the PRM
+        #   and the policy on clean MIE pairs, and
         #   best-of-N with the policy's own step likelihoods as the judge (docs/results.md)
 
 Released models (Hugging Face layout folders, docs/released_models.md) on a benchmark file:
@@ -38,8 +39,8 @@ from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_o
                            likelihood_best_of_n, prm_diagnosis, prm_scores, problem_pixels, sample, step_logprobs)
 from ursa.prm import split_steps
 from ursa.release import inspect_released, load_released
-from ursa.results import (error_breakdown, format_pair_test, mie_pair_test, oracle_verdicts, pct, policy_pair_test,
-                          prm_quality)
+from ursa.results import (error_breakdown, format_pair_test, headroom, mie_pair_test, oracle_verdicts, pct,
+                          policy_pair_test, prm_quality)
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
 
@@ -126,7 +127,12 @@ def run_toy(args):
     if args.prm_diagnosis:
         print(prm_diagnosis(recs, s, scores))
     if args.oracle:
-        q = prm_quality(oracle_verdicts(recs, s), scores, s.correct)
+        ov = oracle_verdicts(recs, s)
+        q = prm_quality(ov, scores, s.correct)
+        h = headroom(recs, s, ov)
+        print(f"maj@{args.n} wrong but pass@{args.n} right on {h['problems']} problems: {100 * h['right_share']:.1f}% of "
+              f"their samples right; their wrong samples first go wrong at: "
+              + ", ".join(f"{k} {v}" for k, v in h["wrong_sample_first_errors"].items() if v))
         print(f"PRM against the oracle (ProcessBench-style): first error exact on {q['wrong']} wrong samples "
               f"{100 * q['acc_wrong']:.1f}%, no error on {q['right']} right ones {100 * q['acc_right']:.1f}%, "
               f"F1 {100 * q['f1']:.1f}, step AUC {q['step_auc']:.3f} ({q['unparsable']} unparsable); "

@@ -150,3 +150,18 @@ def test_step_logprobs_match_incremental_encodings_by_hand():
             ids = prompt + tok.encode(join_steps(st[:k + 1], None))
             want.append(sum(float(lsm[ids[t - 1], ids[t]]) for t in range(len(prompt) + len(pre), len(ids))))
         assert g == pytest.approx(want, abs=1e-5)
+
+
+def test_headroom_by_hand():
+    from ursa.oracle import OracleVerdict
+    from ursa.results import headroom
+    s = samples()                       # p0: maj 5 wrong, samples 1 and 3 right; p1: maj "A" wrong, 0 and 3 right
+    wrong_read = OracleVerdict(["Step 1: There are 3 red circles."], 1, [0], "misread", False)
+    wrong_opt = OracleVerdict(["Step 1: 15 is option (A)."], 1, [0], "letter", False)
+    right = OracleVerdict(["Step 1: 3 * 5 = 15."], None, [1], "", True)
+    ver = [[wrong_read, right, None, right], [right, wrong_opt, wrong_read, right]]
+    h = headroom(RECS, s, ver)
+    assert (h["problems"], h["right_share"]) == (2, 0.5)
+    assert {k: v for k, v in h["wrong_sample_first_errors"].items() if v} == {"perception": 2, "unparsable": 1, "option": 1}
+    s.correct[1] = [False] * 4          # p1 never right: no headroom there
+    assert headroom(RECS, s, ver)["problems"] == 1

@@ -140,6 +140,20 @@ def error_kind(v) -> str:
     return _CLAUSE_KIND.get(clauses[0][0], "arithmetic")
 
 
+def headroom(records, s, verdicts: list) -> dict:
+    """Where a verifier could gain over self-consistency: the problems whose majority answer over all
+    of s's samples is wrong while some sample is right ("problems"), the mean share of right samples
+    on them ("right_share"), and the oracle's first-error kind (error_kind) of their wrong samples."""
+    idx = [i for i, (m, p) in enumerate(zip(s.maj(records), s.pass_at())) if p and not m]
+    kinds = {k: 0 for k in ERROR_KINDS if k != "right"}
+    for i in idx:
+        for ok, v in zip(s.correct[i], verdicts[i]):
+            if not ok:
+                kinds[error_kind(v)] = kinds.get(error_kind(v), 0) + 1
+    share = sum(sum(s.correct[i]) / len(s.correct[i]) for i in idx) / len(idx) if idx else float("nan")
+    return {"problems": len(idx), "right_share": share, "wrong_sample_first_errors": kinds}
+
+
 def error_breakdown(records, verdicts: list) -> dict:
     """{family: {kind: count}} of the first sample's error kind per record (see error_kind)."""
     out: dict = {}

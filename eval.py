@@ -36,11 +36,10 @@ from ursa import io
 from ursa.benchmark_run import best_of_n_with_prm, run_benchmark as generate_on
 from ursa.benchmarks import format_report, read_records, rescore, write_verdicts
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
-                           likelihood_best_of_n, prm_diagnosis, prm_scores, problem_pixels, sample, step_logprobs)
-from ursa.prm import split_steps
+                           prm_diagnosis, prm_scores, problem_pixels, sample)
 from ursa.release import inspect_released, load_released
-from ursa.results import (error_breakdown, format_pair_test, headroom, mie_pair_test, oracle_verdicts, pct,
-                          policy_pair_test, prm_quality)
+from ursa.results import (diff_pct, error_breakdown, format_pair_test, headroom, mie_pair_test, oracle_verdicts,
+                          pct, policy_judge, policy_pair_test, prm_quality)
 from ursa.tokenizer import Tokenizer
 from ursa.weights import load_model
 
@@ -139,12 +138,9 @@ def run_toy(args):
               f"within-problem AUC {q['within_problem_auc']:.3f} over {q['mixed_problems']} mixed problems")
         print(format_pair_test(mie_pair_test(prm, tok, recs, px)))
         print(format_pair_test(policy_pair_test(model, tok, recs, px), "policy"))
-        lps = step_logprobs(model, tok, [r["question"] for r in recs for _ in range(args.n)],
-                            [split_steps(t)[0] for ts in s.responses for t in ts],
-                            px.repeat_interleave(args.n, dim=0))
-        lp = [lps[i * args.n:(i + 1) * args.n] for i in range(len(recs))]
+        j = policy_judge(model, tok, recs, s, px, {f"maj@{args.n}": s.maj(recs)}, args.n)
         print(f"policy likelihood as the judge (best-of-{args.n}: the sample whose least likely step is most likely): "
-              f"{pct(acc_record(likelihood_best_of_n(s, lp)))}")
+              f"{pct(j['best_of_n'])}, {diff_pct(j['minus_maj'])} points against maj@{args.n}")
 
 
 def run_benchmark(args):

@@ -165,3 +165,28 @@ def test_headroom_by_hand():
     assert {k: v for k, v in h["wrong_sample_first_errors"].items() if v} == {"perception": 2, "unparsable": 1, "option": 1}
     s.correct[1] = [False] * 4          # p1 never right: no headroom there
     assert headroom(RECS, s, ver)["problems"] == 1
+
+
+def test_likelihood_best_of_n_and_policy_judge_by_hand(monkeypatch):
+    """The judge picks the sample whose least likely step is most likely, among the first n; a sample
+    without steps never wins; policy_judge hands each record its own samples' log-likelihoods."""
+    from ursa import evaluate
+    from ursa.evaluate import likelihood_best_of_n
+    from ursa.results import policy_judge
+    s = samples()                                  # right: p0 samples 1 and 3; p1 samples 0 and 3
+    lp = [[[-1.0, -5.0], [-2.0, -3.0], [], [-0.5]],  # p0: worst steps -5, -3, none, -0.5 -> sample 3
+          [[-4.0], [-1.0, -1.5], [-9.0], [-0.1]]]    # p1: -4, -1.5, -9, -0.1 -> sample 3
+    assert likelihood_best_of_n(s, lp) == [True, True]
+    assert likelihood_best_of_n(s, lp, 2) == [True, False]   # first two: p0 sample 1 (-3), p1 sample 1 (-1.5)
+    assert likelihood_best_of_n(s, [[[], [], [-1.0], []], [[], [], [], [-1.0]]]) == [False, True]
+
+    # a stand-in policy that finds a step likely only in the response marked "good": the judge must
+    # pick, per record, the good one among ITS samples (a mixed-up slice of the flat list would not)
+    resp = [["Step 1: a.\n\n†Answer: 5", "Step 1: good.\n\n†Answer: 7", "Step 1: b.\n\n†Answer: 5"],
+            ["Step 1: c.\n\n†Answer: A", "Step 1: d.\n\n†Answer: A", "Step 1: good.\n\n†Answer: B"]]
+    s2 = judge_all(RECS, resp)
+    monkeypatch.setattr(evaluate, "step_logprobs", lambda policy, tok, qs, steps, px, batch_size=32:
+                        [[0.0 if "good" in st[0] else -5.0] for st in steps])
+    recs = [dict(r, question=f"q{i}") for i, r in enumerate(RECS)]
+    j = policy_judge(None, None, recs, s2, torch.zeros(2, 3, 4, 4), {"maj@3": s2.maj(recs)}, 3)
+    assert j["best_of_n"]["correct"] == 2 and j["minus_maj"]["diff"] == 1.0     # maj: 5 and A, both wrong

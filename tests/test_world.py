@@ -793,21 +793,34 @@ def test_patch_attributes_by_hand():
     assert set(map(tuple, patch_attributes(grid))) == {(2, 5, 3, 2, 1)}
 
 
+PAIR_IDS = ("train-shapes-0", "train-bars-1", "train-grid-1")
+
+
+def _pair_records():
+    """Three toy records for the clean-pair tests, and a judge's view of them: the index of the first
+    step of `steps` that differs from the question's reference solution (None: none differs)."""
+    recs = [{"id": pid, "question": world.problem_from_id(pid).question} for pid in PAIR_IDS]
+    refs = {r["question"]: world.problem_from_id(r["id"]).steps for r in recs}
+
+    def first_off(q, steps):
+        return next((k for k, s in enumerate(steps) if k >= len(refs[q]) or s != refs[q][k]), None)
+
+    return recs, first_off
+
+
 def test_mie_pair_test_reads_the_corrupted_step(monkeypatch):
     """A judge that marks only the first step differing from the reference finds every corruption at
     its step (reading any other position, e.g. the last, would miss some); a blind one finds none."""
     import torch
     from ursa import prm as prm_mod
     from ursa.results import mie_pair_test
-    recs = [{"id": pid, "question": world.problem_from_id(pid).question}
-            for pid in ("train-shapes-0", "train-bars-1", "train-grid-1")]
-    refs = {r["question"]: world.problem_from_id(r["id"]).steps for r in recs}
+    recs, first_off = _pair_records()
 
     def knowing(model, tok, questions, tagged, pixels=None, batch_size=64):
         out = []
         for q, t in zip(questions, tagged):
             steps = [s.strip() for s in t.split("†Answer:")[0].split(prm_mod.STEP_TAG)[:-1]]
-            first = next((k for k, s in enumerate(steps) if k >= len(refs[q]) or s != refs[q][k]), None)
+            first = first_off(q, steps)
             out.append([0.0 if k == first else 1.0 for k in range(len(steps))])
         return out
 
@@ -833,16 +846,10 @@ def test_policy_pair_test_reads_the_corrupted_step(monkeypatch):
     import torch
     from ursa import evaluate
     from ursa.results import policy_pair_test
-    recs = [{"id": pid, "question": world.problem_from_id(pid).question}
-            for pid in ("train-shapes-0", "train-bars-1", "train-grid-1")]
-    refs = {r["question"]: world.problem_from_id(r["id"]).steps for r in recs}
+    recs, first_off = _pair_records()
 
     def knowing(policy, tok, questions, steps, pixels, batch_size=32):
-        out = []
-        for q, st in zip(questions, steps):
-            first = next((k for k, s in enumerate(st) if k >= len(refs[q]) or s != refs[q][k]), None)
-            out.append([-9.0 if k == first else -1.0 for k in range(len(st))])
-        return out
+        return [[-9.0 if k == first_off(q, st) else -1.0 for k in range(len(st))] for q, st in zip(questions, steps)]
 
     px = torch.zeros(len(recs), 3, 4, 4)
     monkeypatch.setattr(evaluate, "step_logprobs", knowing)

@@ -294,15 +294,10 @@ def within_problem_auc(correct: Sequence[Sequence[bool]], scores: Sequence[Seque
     rule `how`); averaged over those problems. 0.5 is a judge that cannot tell them apart, however
     well its scores separate easy problems from hard ones (which a pooled step AUC also rewards).
     Returns {"auc": mean (nan if no problem is mixed), "problems": number of mixed problems}."""
-    per = []
-    for c, ss in zip(correct, scores):
-        a = [aggregate(x, how) for x in ss]
-        right = [v for v, ok in zip(a, c) if ok]
-        wrong = [v for v, ok in zip(a, c) if not ok]
-        if right and wrong:
-            per.append(sum((r > w) + 0.5 * (r == w) for r in right for w in wrong) / (len(right) * len(wrong)))
+    from ursa.prm import auc
+    per = [auc([aggregate(x, how) for x in ss], [int(bool(ok)) for ok in c])
+           for c, ss in zip(correct, scores) if any(c) and not all(c)]
     return {"auc": sum(per) / len(per) if per else float("nan"), "problems": len(per)}
-
 
 
 @torch.no_grad()

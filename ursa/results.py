@@ -149,7 +149,8 @@ def headroom(records, s, verdicts: list) -> dict:
     for i in idx:
         for ok, v in zip(s.correct[i], verdicts[i]):
             if not ok:
-                kinds[error_kind(v)] = kinds.get(error_kind(v), 0) + 1
+                k = error_kind(v)
+                kinds[k] = kinds.get(k, 0) + 1
     share = sum(sum(s.correct[i]) / len(s.correct[i]) for i in idx) / len(idx) if idx else float("nan")
     return {"problems": len(idx), "right_share": share, "wrong_sample_first_errors": kinds}
 

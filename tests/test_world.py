@@ -222,11 +222,15 @@ def test_perception_steps_state_image_facts_and_arithmetic_is_true(problems):
             if eq:
                 assert eval_chain(eq[1]) == int(eq[2]), (p.id, b)
                 continue
-            opt = re.fullmatch(r"(\w+) is option \(([A-D])\)\.", b)
+            opt = re.findall(r"\(([A-D])\) (\w+) is (not )?(\w+)\.", b)
             tall = re.fullmatch(r"The tallest is (\d+) and the shortest is (\d+)\.", b)
             name = re.fullmatch(r"The tallest is the (\w+) bar\.", b)
-            if opt:
-                assert p.choices[LETTERS.index(opt[2])] == opt[1] and k == len(p.steps) - 1
+            if opt:         # the options checked in order, each copied right, up to the one holding the answer
+                assert " ".join(f"({x}) {h} is {n}{v}." for x, h, n, v in opt) == b and k == len(p.steps) - 1
+                assert "".join(x for x, *_ in opt) == LETTERS[:len(opt)] and opt[-1][0] == p.answer
+                value = p.choices[LETTERS.index(p.answer)]
+                assert all(h == p.choices[i] and v == value and bool(n) == (h != value)
+                           for i, (x, h, n, v) in enumerate(opt)), (p.id, b)
             elif tall:
                 assert (int(tall[1]), int(tall[2])) == (max(seen.values()), min(seen.values()))
             elif name:
@@ -250,7 +254,8 @@ def test_shapes_total_solution_by_hand():
     # 3 * 2 + 1 * 3 + 2 * 3 = 15 -> option D
     assert p.steps == ["Step 1: There are 3 circles.", "Step 2: There is 1 square.",
                        "Step 3: There are 2 triangles.", "Step 4: 3 * 2 = 6.", "Step 5: 1 * 3 = 3.",
-                       "Step 6: 2 * 3 = 6.", "Step 7: 6 + 3 + 6 = 15.", "Step 8: 15 is option (D)."]
+                       "Step 6: 2 * 3 = 6.", "Step 7: 6 + 3 + 6 = 15.",
+                       "Step 8: (A) 17 is not 15. (B) 18 is not 15. (C) 25 is not 15. (D) 15 is 15."]
     assert p.answer == "D"
 
 
@@ -363,7 +368,7 @@ def test_corrupt_by_hand():
     steps, ans, i = next((s, a, i) for s, a, i in (corrupt(p, random.Random(k)) for k in range(40)) if a == "A")
     assert steps == ["Step 1: There are 4 circles.", "Step 2: There is 1 square.", "Step 3: There are 2 triangles.",
                      "Step 4: 4 * 2 = 8.", "Step 5: 1 * 3 = 3.", "Step 6: 2 * 3 = 6.", "Step 7: 8 + 3 + 6 = 17.",
-                     "Step 8: 17 is option (A)."]
+                     "Step 8: (A) 17 is 17."]
 
 
 # ---- hard split --------------------------------------------------------------------------------
@@ -430,14 +435,15 @@ def test_write_world_tiny(tmp_path, capsys):
 
 def test_generation_and_perception_mie_are_frozen():
     """Datasets on disk stay identical: problems and default (perception) MIE output are pinned by
-    a digest (retaken when option steps began writing the letter in brackets, as the question does)."""
+    a digest (retaken when option steps began writing the letter in brackets, as the question does,
+    and again when they began checking the options in order: only the option steps changed)."""
     import hashlib
     h = hashlib.sha256()
     for split in ("train", "test", "hard"):
         for p in make_problems(60, split):
             h.update(json.dumps({**p.to_dict(), "attributes": attributes(p.facts)}, sort_keys=True).encode())
             h.update(json.dumps(corrupt(p, random.Random(p.seed))).encode())
-    assert h.hexdigest() == "af0dd47e9ec213f6b1b0748218097c6ae6e97e8f35d3a6750becf684fed249c1"
+    assert h.hexdigest() == "f8bbbdd3aa717b55fa866f665050b72c1fb4b75e54fe6d1f08ae0835cc250686"
 
 
 def test_letters_and_check_use_the_answer_module():
@@ -479,20 +485,26 @@ def test_arithmetic_corruption_by_hand():
     # only slips whose total is an option: 17 (A) or 25 (C) from any equation; 18 (B) is out of reach
     assert set(got) == {(i, a) for i in (3, 4, 5, 6) for a in "AC"}
     assert got[(4, "A")] == mc.steps[:4] + ["Step 5: 1 * 3 = 5.", "Step 6: 2 * 3 = 6.", "Step 7: 6 + 5 + 6 = 17.",
-                                            "Step 8: 17 is option (A)."]
+                                            "Step 8: (A) 17 is 17."]
 
 
 def test_option_corruption_by_hand():
-    p = make_problem(0, "train", "shapes")      # 15 is option D; A 17 is the nearest distractor
+    p = make_problem(0, "train", "shapes")      # (A) 17 (B) 18 (C) 25 (D) 15; A 17 is the nearest distractor
+    # D read swapped with another option: the checks stop there, where the option holds 15 as misread
+    want = {"A": "Step 8: (A) 15 is 15.", "B": "Step 8: (A) 17 is not 15. (B) 15 is 15.",
+            "C": "Step 8: (A) 17 is not 15. (B) 18 is not 15. (C) 15 is 15."}
     seen = {}
     for s in range(300):
         steps, ans, i = corrupt(p, random.Random(s), "option")
-        assert i == 7 and steps == p.steps[:7] + [f"Step 8: 15 is option ({ans})."]
+        assert i == 7 and steps == p.steps[:7] + [want[ans]]
         seen[ans] = seen.get(ans, 0) + 1
     assert set(seen) == {"A", "B", "C"} and seen["A"] > seen["B"] + seen["C"]     # nearest: 1/2 + 1/6
-    t = make_problem(10, "train", "bars")       # tallest: red is option C; colours have no "nearest"
-    assert {corrupt(t, random.Random(s), "option")[1] for s in range(60)} == {"A", "B", "D"}
-    assert corrupt(t, random.Random(0), "option")[0][-1] in {f"Step 6: red is option ({x})." for x in "ABD"}
+    t = make_problem(10, "train", "bars")       # tallest: red, option C; colours have no "nearest"
+    assert t.choices == ["green", "blue", "red", "orange"] and len(t.steps) == 6
+    got = {a: st[-1] for st, a, _ in (corrupt(t, random.Random(s), "option") for s in range(60))}
+    # an option after the true one: C is read as orange, so its check says "not" and D reads red
+    assert got == {"A": "Step 6: (A) red is red.", "B": "Step 6: (A) green is not red. (B) red is red.",
+                   "D": "Step 6: (A) green is not red. (B) blue is not red. (C) orange is not red. (D) red is red."}
 
 
 def test_corruption_kinds_and_errors():
@@ -514,8 +526,7 @@ def test_corruption_kinds_and_errors():
 def _kind_of(p, steps, i) -> str:
     if any(r.match(body(steps[i], i)) for r in PERCEPTION):
         return "perception"
-    return "option" if " is option " in steps[i] and steps[i][len(f"Step {i + 1}: "):].split()[0] == str(p.facts["value"]) \
-        else "arithmetic"
+    return "option" if body(steps[i], i).startswith("(A) ") else "arithmetic"
 
 
 def test_any_weights_perception_twice():
@@ -616,6 +627,22 @@ WRONG = [
      "step 7 names an option before 6 + 3 + 6 = 15, which it uses"),
     ("train-shapes-0", [*S, *SA[:3], "6 + 3 = 9.", "9 + 6 = 15.", "15 is option (D)."],           # partial sums
      "D", 7, True, "step 7 computes 6 + 3 = 9; next the solution needs 6 + 3 + 6 = 15"),
+    # the option step as checks in order ((A) 17 (B) 18 (C) 25 (D) 15; the answer is D)
+    ("train-shapes-0", [*S, *SA[:4], "(A) 17 is not 15. (C) 25 is not 15. (D) 15 is 15."], "D", 8, True,
+     "step 8 checks (C) 25 is not 15; the next option to check is (B)"),                        # skips B
+    ("train-shapes-0", [*S, *SA[:4], "(A) 17 is not 15. (B) 15 is 15."], "B", 8, False,
+     "step 8 checks (B) 15 is 15; (B) is 18"),                                                  # miscopies B
+    ("train-shapes-0", [*S, *SA[:4], "(A) 15 is not 15."], "D", 8, True,
+     "step 8 checks (A) 15 is not 15; (A) is 17"),                                              # miscopies A
+    ("train-shapes-0", [*S, *SA[:4], "(A) 17 is 15."], "A", 8, False, "step 8 checks (A) 17 is 15, which is false"),
+    ("train-shapes-0", [*S, *SA[:4], "(A) 17 is not 17. (B) 18 is not 17."], "D", 8, True,
+     "step 8 checks (A) 17 is not 17; the value is 15"),                                        # another value
+    ("train-shapes-0", [*S, *SA[:3], "(A) 17 is not 15."], "D", 7, True,
+     "step 7 checks an option before 6 + 3 + 6 = 15, which it uses"),
+    ("train-shapes-0", [*S, *SA[:4], "(A) 17 is not 15. (B) 18 is not 15. (C) 25 is not 15. (D) 15 is 15.",
+                        "(A) 17 is not 15."], "D", 9, True, "step 9 checks (A) 17 is not 15 after the option is found"),
+    ("train-grid-0", [*GRID, "3 * 5 = 15.", "4 * 4 = 16.", "15 * 16 = 240.", "(A) 240 is 240."], "240", 6, True,
+     "step 6 checks (A) 240 is 240, but the question has no options"),
     ("train-shapes-0", [*S, "3 * 2 + 1 * 3 + 2 * 3 = 15."],                                     # one mixed equation
      "D", 4, True,
      "step 4 computes 3 * 2 + 1 * 3 + 2 * 3 = 15; next the solution needs 3 * 2 = 6 or 1 * 3 = 3 or 2 * 3 = 6"),
@@ -859,3 +886,15 @@ def test_policy_pair_test_reads_the_corrupted_step(monkeypatch):
     monkeypatch.setattr(evaluate, "step_logprobs", lambda policy, tok, q, steps, px, batch_size=32:
                         [[-1.0] * len(s) for s in steps])
     assert all(e["step_lower"] == 0.0 for e in policy_pair_test(None, None, recs, px).values())
+
+
+def test_option_step_by_hand():
+    """Checks in order up to the option holding the value; a value that is no option fails every
+    check and ends at the nearest option, never the one `avoid` names."""
+    from ursa.world import option_step
+    assert option_step(["4", "9", "5", "7"], "5") == ("(A) 4 is not 5. (B) 9 is not 5. (C) 5 is 5.", "C")
+    assert option_step(["5", "9", "5", "7"], "5") == ("(A) 5 is 5.", "A")            # the first match ends it
+    assert option_step(["red", "blue"], "blue") == ("(A) red is not blue. (B) blue is blue.", "B")
+    fail = "(A) 4 is not 23. (B) 9 is not 23. (C) 25 is not 23. (D) 21 is not 23."
+    assert option_step(["4", "9", "25", "21"], "23") == (fail + " 23 is closest to option (C).", "C")   # 25 and 21 tie: first
+    assert option_step(["4", "9", "25", "21"], "23", avoid="C") == (fail + " 23 is closest to option (D).", "D")

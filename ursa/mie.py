@@ -4,7 +4,8 @@ correct solution, every later step recomputed consistently from it.
     steps, answer, k = corrupt(problem, random.Random(0), kind="any")    # k: 0-based first wrong step
 
 Kinds: "perception" (one image fact misread: the paper's insertion), "arithmetic" (one equation's
-result slipped), "option" (the right value mapped to another option), "any" (one that applies,
+result slipped), "option" (the right value, but two options read swapped, so the checks stop at
+another one), "any" (one that applies,
 perception twice as likely). The toy MIE re-renders the solution from the changed fact
 (ursa.world.render) instead of letting a model continue: deterministic, always coherent, free.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import random
 
-from ursa.world import OPTION_LETTERS, SLIPS, Problem, misread, misreadings, render, solve, stated_readings
+from ursa.world import OPTION_LETTERS, SLIPS, Problem, misread, misreadings, option_step, render, solve, stated_readings
 
 CORRUPTION_KINDS = ("perception", "arithmetic", "option", "any")
 ANY_WEIGHTS = {"perception": 2, "arithmetic": 1, "option": 1}   # kind="any": perception twice as likely
@@ -69,7 +70,7 @@ def _slip_plan(problem: Problem) -> tuple:
 
 def _corrupt_planned(problem: Problem, rng: random.Random, plan, none: str) -> tuple:
     """Draw from plan(problem)'s ok list, else (multiple choice) from its pool, ending with the
-    nearest option other than the true one ("23 is closest to option (C).")."""
+    nearest option other than the true one (every check fails, then "23 is closest to option (C).")."""
     ok, pool = plan(problem)
     if ok:
         k, steps, ans = ok[rng.randrange(len(ok))]
@@ -77,23 +78,25 @@ def _corrupt_planned(problem: Problem, rng: random.Random, plan, none: str) -> t
     if problem.choices is None or not pool:
         raise ValueError(f"{problem.id}: {none}")
     k, steps, value = rng.choice(pool)
-    gold = OPTION_LETTERS.index(problem.answer)
-    j = min((c for c in range(len(problem.choices)) if c != gold),
-            key=lambda c: (abs(float(problem.choices[c]) - float(value)), c))
-    return steps + [f"Step {len(steps) + 1}: {value} is closest to option ({OPTION_LETTERS[j]})."], OPTION_LETTERS[j], k
+    text, letter = option_step(problem.choices, str(value), avoid=problem.answer)
+    return steps + [f"Step {len(steps) + 1}: {text}"], letter, k
 
 
 def _corrupt_option(problem: Problem, rng: random.Random) -> tuple:
     if problem.choices is None:
         raise ValueError(f"{problem.id}: corruption kind 'option' needs a multiple-choice problem")
     value, choices = problem.facts["value"], problem.choices
-    others = [k for k in range(len(choices)) if k != OPTION_LETTERS.index(problem.answer)]
+    gold = OPTION_LETTERS.index(problem.answer)
+    others = [k for k in range(len(choices)) if k != gold]
     if isinstance(value, int) and rng.random() < 0.5:       # the distractor nearest to the value
         j = min(others, key=lambda k: (abs(float(choices[k]) - value), k))
     else:                                                   # any other option
         j = rng.choice(others)
+    swapped = list(choices)                 # the options as misread: the true one and j exchanged
+    swapped[gold], swapped[j] = choices[j], choices[gold]
+    text, letter = option_step(swapped, str(value))
     k = len(problem.steps) - 1          # the option step is always last
-    return problem.steps[:k] + [f"Step {k + 1}: {value} is option ({OPTION_LETTERS[j]})."], OPTION_LETTERS[j], k
+    return problem.steps[:k] + [f"Step {k + 1}: {text}"], letter, k
 
 
 _CORRUPTERS = {
@@ -121,12 +124,15 @@ def corrupt(problem: Problem, rng: random.Random, kind: str = "perception") -> t
     most plausible tier of `misreadings` that changes the answer.
     kind "arithmetic": one equation states a slipped result (`slipped_values`: +-1, +-2, +-10 or
     two digits swapped), drawn uniformly among the (equation, slip) pairs that change the answer.
-    kind "option" (multiple choice only): the value is right, the option step names another
-    option: with probability 1/2 the numeric distractor nearest to the value, else any other.
+    kind "option" (multiple choice only): the value is right, but the option step reads the true
+    option and another one swapped, so its checks stop at that other option: with probability 1/2
+    the numeric distractor nearest to the value, else any other. Its first wrong check copies one
+    of the two swapped options wrongly ("(B) 22 is 22." where B is 25, or "(A) 25 is not 22." where
+    A is 22, when the true option comes first).
     kind "any": one of the kinds that apply (`corruption_kinds`), weighted by ANY_WEIGHTS.
     Multiple choice, perception and arithmetic: only wrong values that are options count; if none
-    exists, one is drawn from all candidates and the solution ends with the nearest option other
-    than the true one ("23 is closest to option (C).").
+    exists, one is drawn from all candidates and the solution's checks all fail and end at the
+    nearest option other than the true one ("... 23 is closest to option (C).").
 
     Returns (new_steps, new_answer, insert_index): insert_index is the 0-based index of the first
     wrong step (steps before it are unchanged; it and every later step are wrong); new_answer !=

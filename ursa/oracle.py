@@ -11,7 +11,9 @@ steps a correct solution contains, each with what must come before it:
 - every computation needs ALL readings, plus the computations whose results it uses: the world's
   equations ("3 * 2 = 6.", the sum of all products "6 + 3 + 6 = 15.", "21 * 2 = 42.", ...),
   "The tallest is 8 and the shortest is 2." (before "8 - 2 = 6.") and "The tallest is the red bar.";
-- multiple choice: the option step "22 is option (B)." needs the final value.
+- multiple choice: the option step needs the final value. The world writes it as checks of the
+  options in order, stopping at the one that holds the value ("(A) 20 is not 22. (B) 22 is 22.");
+  naming the option directly ("22 is option (B).") is right as well.
 A correct solution states each of these steps once, each after what it needs, and nothing else.
 Order: the readings may come in any order (the world always scans in one fixed order, but a true
 reading is true whenever it is stated, and a reader may look at the picture in any order), and so
@@ -37,7 +39,11 @@ first error is the first step that is
 - an option step that names a letter other than the option holding the value ("22 is option (C)."
   where C is 25, or a letter with no option), maps a value other than the final one, comes before
   the final value, says "closest to" (the true value is always an option), or repeats; any option
-  step in a free-form problem.
+  step in a free-form problem;
+- an option check ("(B) 22 is 22.") that skips or repeats an option (checks go (A), (B), ... in
+  order), copies an option wrongly ("(B) 25 is not 22." where B is 22), compares with a value other
+  than the final one, states a false comparison ("(A) 20 is 22."), comes before the final value or
+  after the option is found, or appears in a free-form problem.
 Steps are judged against the TRUE readings, so a correct computation on a misread count is no
 error of its own: the misreading, earlier, is the first error, and labels after it are 0 anyway.
 
@@ -53,7 +59,7 @@ sentences (merged steps; each split at ". " or a line break, each may repeat a "
 the step is right iff all are), each one of the world's templates, case-insensitively, with any
 whitespace (also none around "=", "+", "-", "*", and "×" for "*"), with or without the final
 period, "is"/"are", "unit"/"units" and a singular or plural noun whatever the number ("There is 1
-circles."), "rectangle" or "shape" for the grid figure, "(B)" or "B" for an option. Numbers are
+circles."), "rectangle" or "shape" for the grid figure, "(B)" or "B" for an option ("(B)" in a check). Numbers are
 ASCII digits, at most 9 of them. No steps, a step without a sentence, a sentence matching no
 template (number words, units, prose, decimals) -> None.
 """
@@ -81,6 +87,7 @@ _TEMPLATES = [                      # matched against one sentence, spaces colla
     ("tallest", re.compile(rf"the tallest is the ({'|'.join(BAR_COLOURS)}) bar", _FLAGS)),
     ("total", re.compile(rf"the total is {_NUM}", _FLAGS)),
     ("option", re.compile(r"(\w{1,20}) is (closest to )?option \(?([a-j])\)?", _FLAGS)),
+    ("check", re.compile(r"\(([a-j])\) (\w{1,20}) is (not )?(\w{1,20})", _FLAGS)),
 ]
 
 
@@ -149,6 +156,8 @@ def _clause(text: str) -> Optional[tuple]:
             return "extremes", int(g[0]), int(g[1])
         if kind in ("tallest", "total"):
             return kind, g[0].lower() if kind == "tallest" else int(g[0])
+        if kind == "check":
+            return "check", g[0].upper(), g[1].lower(), bool(g[2]), g[3].lower()
         return "option", g[0].lower(), g[2].upper(), bool(g[1])
     return None
 
@@ -284,6 +293,7 @@ class _Walk:
     def __init__(self, problem):
         self.problem, self.nodes, self.done = problem, _plan(problem), set()
         self.values = image_values(problem.facts)
+        self.checked = 0                    # option checks made so far: the next one is for (A) + checked
 
     def _ready(self) -> list:
         return [i for i, n in enumerate(self.nodes) if i not in self.done and n.needs <= self.done]
@@ -334,6 +344,8 @@ class _Walk:
             return self._take("eq", (op, ops, r), f"computes {text} = {r}")
         if kind == "option":
             return self._option(*c[1:])
+        if kind == "check":
+            return self._check(*c[1:])
         what = {"extremes": "states the tallest is {} and the shortest is {}",
                 "tallest": "states the tallest is the {} bar", "total": "states the total is {}"}[kind].format(*c[1:])
         return self._take(kind, c[1:], what)
@@ -357,6 +369,33 @@ class _Walk:
             return (f"names option {letter} (" + ("there is no such option" if held is None else f"which is {held}")
                     + f"); {v} is option {gold}")
         self.done.add(opt)
+        return None
+
+    def _check(self, letter: str, held: str, negated: bool, v: str) -> Optional[str]:
+        """One option check "(B) 22 is [not] 22" (see the module docstring)."""
+        p = self.problem
+        said = f"({letter}) {held} is {'not ' if negated else ''}{v}"
+        if p.choices is None:
+            return f"checks {said}, but the question has no options"
+        opt = len(self.nodes) - 1
+        if opt in self.done:
+            return f"checks {said} after the option is found"
+        if not self.nodes[opt].needs <= self.done:
+            return f"checks an option {self._waits(self.nodes[opt].needs)}"
+        value = self.nodes[opt].content[0].lower()
+        if v != value:
+            return f"checks {said}; the value is {value}"
+        want = OPTION_LETTERS[self.checked]
+        if letter != want:
+            return f"checks {said}; the next option to check is ({want})"
+        true = p.choices[self.checked].lower()
+        if held != true:
+            return f"checks {said}; ({letter}) is {true}"
+        if negated == (held == v):
+            return f"checks {said}, which is false"
+        self.checked += 1
+        if not negated:
+            self.done.add(opt)
         return None
 
 

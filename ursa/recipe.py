@@ -76,7 +76,7 @@ class Recipe:
                                                   min_lr_ratio=1.0, log_every=1, ckpt_every=10))
     rl: GRPOSettings = field(default_factory=GRPOSettings)
     bon_samples: int = 16
-    max_new_tokens: int = 96
+    max_new_tokens: int = 128   # longest toy solutions: 99% of test solutions fit (option checks add ~20 tokens)
     init: Optional[str] = None        # a stage's starting model directory (default: the previous stage's)
     stage_data: Optional[str] = None  # a stage's data file (default: the toy world's / the run's)
     prm_dir: Optional[str] = None     # grpo: the PRM model directory (default <run>/prm/model)

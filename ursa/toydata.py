@@ -36,8 +36,9 @@ from ursa.tokenizer import Tokenizer, train_toy_tokenizer
 SEED_STRIDE = 10_000_000        # problem seeds of --seed s start at s * SEED_STRIDE
 
 
-FORMAT = 4      # bumped whenever the records or images change (2: patch_attributes; 3: bars aligned to patches;
-                #   4: option steps write the letter as the question does, "15 is option (D).")
+FORMAT = 5      # bumped whenever the records or images change (2: patch_attributes; 3: bars aligned to patches;
+                #   4: option steps write the letter as the question does, "15 is option (D).";
+                #   5: option steps check the options in order, "(A) 17 is not 15. (B) 15 is 15.")
 
 
 def _world_signature(image_size: int) -> dict:

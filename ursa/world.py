@@ -29,7 +29,8 @@ and a count is never misread as 0 (its step would silently vanish); see `misread
 
 Multiple choice: 4 options (A)-(D) listed in the question as "Choices: (A) 12 (B) 15 ..."; the
 distractors are the answers that plausible mistakes produce (a one-off misreading, an arithmetic
-slip of +-1, +-2, +-10), and the last step maps the value to its letter ("Step 7: 22 is option (B).").
+slip of +-1, +-2, +-10), and the last step checks the options in order until one holds the value
+("Step 7: (A) 20 is not 22. (B) 22 is 22."; see `option_step`).
 
     from ursa.world import make_problem, make_problems, check
     from ursa.mie import corrupt
@@ -285,15 +286,32 @@ def render(facts: dict, readings: list, choices: Optional[list] = None, slip: Op
     per, calc, value = solve(facts, readings, slip)
     ar, answer = calc.steps, str(value)
     if choices is not None:
-        if answer in choices:
-            answer = OPTION_LETTERS[choices.index(answer)]
-            ar = ar + [f"{value} is option ({answer})."]
-        else:                           # only reachable by a corruption (see `corrupt`)
-            i = min(range(len(choices)), key=lambda j: (abs(float(choices[j]) - value), j))
-            answer = OPTION_LETTERS[i]
-            ar = ar + [f"{value} is closest to option ({answer})."]
+        text, answer = option_step(choices, answer)
+        ar = ar + [text]
     steps = [f"Step {i + 1}: {s}" for i, s in enumerate(per + ar)]
     return steps, list(range(len(per))), answer, value
+
+
+def option_step(choices: list, value: str, avoid: Optional[str] = None) -> tuple[str, str]:
+    """The multiple-choice step that finds `value` among `choices` -> (step text without its header,
+    letter). It checks the options in order and stops at the first one that holds the value:
+
+        option_step(["4", "9", "5", "7"], "5") == ("(A) 4 is not 5. (B) 9 is not 5. (C) 5 is 5.", "C")
+
+    Why not "5 is option (C).": that asks for a lookup from a value to its letter, and the tiny
+    decoder never learns it (an SFT policy trained on that wording puts exactly the marginal 1/4 on
+    each letter, also on its own training problems; docs/results.md). Checking in order needs only
+    a copy of each option (letter -> its text, in reading order) and a comparison next to it.
+    A value that is no option (only a corruption reaches one) fails every check and ends at the
+    nearest option (not the letter `avoid`): "... (D) 25 is not 23. 23 is closest to option (D)." """
+    checks = []
+    for letter, c in zip(OPTION_LETTERS, choices):
+        if c == value:
+            return " ".join(checks + [f"({letter}) {c} is {value}."]), letter
+        checks.append(f"({letter}) {c} is not {value}.")
+    i = min((j for j in range(len(choices)) if OPTION_LETTERS[j] != avoid),
+            key=lambda j: (abs(float(choices[j]) - float(value)), j))
+    return " ".join(checks + [f"{value} is closest to option ({OPTION_LETTERS[i]})."]), OPTION_LETTERS[i]
 
 
 # ---- plausible misreadings (multiple-choice distractors; MIE in ursa/mie.py) ------------------

@@ -36,7 +36,7 @@ from ursa import io
 from ursa.benchmark_run import best_of_n_with_prm, run_benchmark as generate_on
 from ursa.benchmarks import format_report, read_records, rescore, write_verdicts
 from ursa.evaluate import (acc_record, best_of_n_table, by_family, format_best_of_n, load_problems,
-                           prm_diagnosis, prm_scores, problem_pixels, sample)
+                           option_step_accuracy, prm_diagnosis, prm_scores, problem_pixels, sample)
 from ursa.release import inspect_released, load_released
 from ursa.results import (diff_pct, error_breakdown, format_pair_test, headroom, mie_pair_test, oracle_verdicts,
                           pct, policy_judge, policy_pair_test, prm_quality)
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="only the first N records of --data")
     p.add_argument("--n", type=int, default=8, help="samples per problem (0: greedy only)")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the N samples")
-    p.add_argument("--max-new-tokens", type=int, help="longest response (toy 96, benchmarks 2048)")
+    p.add_argument("--max-new-tokens", type=int, help="longest response (toy 128, benchmarks 2048)")
     p.add_argument("--batch-size", type=int, default=64, help="sequences per generation batch")
     p.add_argument("--blank-images", action="store_true", help="replace every image by grey")
     p.add_argument("--shuffled-images", action="store_true", help="give each problem another's image")
@@ -96,7 +96,7 @@ def run_toy(args):
     model = load_model(args.model, device=args.device).eval()
     tok = toy_tokenizer(args)
     recs = load_problems(args.data)[:args.limit]
-    base, mx = Path(args.data).parent, args.max_new_tokens or 96
+    base, mx = Path(args.data).parent, args.max_new_tokens or 128
     mode = "blank" if args.blank_images else "shuffled" if args.shuffled_images else "normal"
     px = problem_pixels(recs, base, model.cfg.vision, mode)
     g = sample(model, tok, recs, base, max_new_tokens=mx, batch_size=args.batch_size, pixels=px)
@@ -109,6 +109,10 @@ def run_toy(args):
     if args.oracle:
         for fam, kinds in error_breakdown(recs, oracle_verdicts(recs, g)).items():
             print(f"  {fam:<8} first error: " + ", ".join(f"{k} {v}" for k, v in kinds.items() if v))
+        o = option_step_accuracy(model, tok, recs, px, mx)
+        if o["n"]:
+            print(f"  option step from the reference solution's right value (greedy): {pct(o)} "
+                  f"(1 in 4 options = 25%)")
     if args.out:
         io.write_jsonl(args.out, [{"id": r["id"], "response": t[0], "extracted": e[0], "correct": c[0]}
                                   for r, t, e, c in zip(recs, g.responses, g.extracted, g.correct)])

@@ -190,3 +190,43 @@ def test_likelihood_best_of_n_and_policy_judge_by_hand(monkeypatch):
     recs = [dict(r, question=f"q{i}") for i, r in enumerate(RECS)]
     j = policy_judge(None, None, recs, s2, torch.zeros(2, 3, 4, 4), {"maj@3": s2.maj(recs)}, 3)
     assert j["best_of_n"]["correct"] == 2 and j["minus_maj"]["diff"] == 1.0     # maj: 5 and A, both wrong
+
+
+def test_option_step_accuracy_continues_each_mc_record_from_its_option_header(monkeypatch):
+    """Only multiple-choice records are probed, each from its own reference prefix and its own
+    image; a continuation is judged together with its prefix (the answer line is in it)."""
+    import ursa.evaluate as ev
+    recs = [{"id": "f", "question": "q0", "answer": "7", "steps": ["Step 1: 3 + 4 = 7."]},
+            {"id": "m1", "question": "q1", "answer": "B", "choices": ["1", "2", "3", "4"],
+             "steps": ["Step 1: 1 + 1 = 2.", "Step 2: (A) 1 is not 2. (B) 2 is 2."]},
+            {"id": "m2", "question": "q2", "answer": "A", "choices": ["5", "6", "7", "8"],
+             "steps": ["Step 1: 2 + 3 = 5.", "Step 2: (A) 5 is 5."]}]
+    assert ev.option_prefixes(recs) == [(1, "Step 1: 1 + 1 = 2.\n\nStep 2:"), (2, "Step 1: 2 + 3 = 5.\n\nStep 2:")]
+    seen = {}
+
+    def fake_sample_texts(model, tok, prompts, pixels, max_new_tokens):
+        seen["prompts"], seen["pixels"] = prompts, pixels
+        return [[" (A) 1 is not 2. (B) 2 is 2.\n\n†Answer: B"], [" (A) 5 is not 5. (B) 6 is 5.\n\n†Answer: B"]], None
+
+    monkeypatch.setattr(ev, "sample_texts", fake_sample_texts)
+    monkeypatch.setattr(ev, "prompts_for", lambda rs, tok, cfg, prefixes: [(r["question"], p) for r, p in zip(rs, prefixes)])
+    pixels = torch.arange(3.0).view(3, 1)
+    r = ev.option_step_accuracy(SimpleNamespace(cfg=None), None, recs, pixels)
+    assert seen["prompts"] == [("q1", "Step 1: 1 + 1 = 2.\n\nStep 2:"), ("q2", "Step 1: 2 + 3 = 5.\n\nStep 2:")]
+    assert seen["pixels"].flatten().tolist() == [1.0, 2.0]
+    assert (r["n"], r["correct"]) == (2, 1)         # m1 answers B (right), m2 answers B (wrong: A)
+    assert ev.option_step_accuracy(SimpleNamespace(cfg=None), None, recs[:1], pixels)["n"] == 0
+
+
+def test_error_kind_by_hand():
+    """The first wrong step's first clause names the kind; an option check counts as "option"."""
+    from ursa.oracle import OracleVerdict
+    from ursa.results import error_kind
+    steps = ["Step 1: There are 3 circles.", "Step 2: 3 * 5 = 16.", "Step 3: (A) 15 is not 16. (B) 16 is 16.",
+             "Step 4: 15 is option (A)."]
+    kinds = [error_kind(OracleVerdict(steps, k, [1] * (k - 1) + [0] * (5 - k), "", False)) for k in (1, 2, 3, 4)]
+    assert kinds == ["perception", "arithmetic", "option", "option"]
+    assert error_kind(None) == "unparsable"
+    assert error_kind(OracleVerdict(steps[:1], None, [1], "", True)) == "right"
+    assert error_kind(OracleVerdict(steps[:1], None, [1], "", False, complete=False)) == "incomplete"
+    assert error_kind(OracleVerdict(steps[:1], None, [1], "", False)) == "answer line"

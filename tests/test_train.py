@@ -69,6 +69,12 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert abs(j["minus_maj"]["diff"] - (j["best_of_n"]["acc"] - res["policies"]["sft"]["best_of_n"][str(j["n"])]["maj"]["acc"])) < 1e-9
     md = (run / "results.md").read_text()
     assert "PRM on clean pairs" in md and "policy on clean pairs" in md and "step likelihoods as the judge" in md
+    # the SFT policy's option step from a right value: every multiple-choice test problem, rendered
+    o = res["policies"]["sft"]["option_step"]
+    from ursa.evaluate import load_problems
+    n_mc = sum(1 for r in load_problems(Path(micro_recipe(tmp).data_dir) / "test.jsonl") if r.get("choices"))
+    assert o["n"] == n_mc and 0 <= o["correct"] <= o["n"]
+    assert (o["n"] == 0) == ("option step continued from the reference" not in md)
     assert json.loads((run / "label" / "state.json").read_text())["pairs"] == micro_recipe(tmp).label.pairs == 4
     speed = json.loads((run / "label" / "state.json").read_text())["speed"]
     assert speed["decoded_tokens_s"] >= speed["new_tokens_s"] > 0      # decoded includes stopped rows' tokens

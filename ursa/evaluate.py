@@ -300,6 +300,35 @@ def within_problem_auc(correct: Sequence[Sequence[bool]], scores: Sequence[Seque
     return {"auc": sum(per) / len(per) if per else float("nan"), "problems": len(per)}
 
 
+def option_prefixes(records) -> list[tuple[int, str]]:
+    """(record index, response prefix) of every multiple-choice record with reference steps: the
+    reference steps before its last (option) step, then that step's header ("...\n\nStep 6:"),
+    the point where a policy must turn the right value into a letter."""
+    from ursa.prm import join_steps
+    out = []
+    for i, r in enumerate(records):
+        steps = r.get("steps") or []
+        if r.get("choices") and steps:
+            k = len(steps)
+            out.append((i, join_steps(list(steps[:-1]) + [f"Step {k}:"], None)))
+    return out
+
+
+@torch.no_grad()
+def option_step_accuracy(model, tok, records, pixels: torch.Tensor, max_new_tokens: int = 96) -> dict:
+    """Can the policy name the option once the value is right? For every multiple-choice record
+    (`option_prefixes`): greedy continuation of the reference solution from its option step's
+    header, judged as a whole response (prefix + continuation). acc_record of the verdicts; a
+    policy that cannot map the value to its letter scores about 25% (1 in 4 options)."""
+    items = option_prefixes(records)
+    if not items:
+        return acc_record([])
+    idx = [i for i, _ in items]
+    prompts = prompts_for([records[i] for i in idx], tok, model.cfg, [pre for _, pre in items])
+    texts, _ = sample_texts(model, tok, prompts, pixels[idx], max_new_tokens=max_new_tokens)
+    return acc_record([judge(pre + t[0], *gold(records[i]))[1] for (i, pre), t in zip(items, texts)])
+
+
 @torch.no_grad()
 def step_logprobs(policy, tok, questions: Sequence[str], steps: Sequence[Sequence[str]], pixels: torch.Tensor,
                   batch_size: int = 32) -> list[list[float]]:

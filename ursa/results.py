@@ -20,7 +20,7 @@ import torch
 
 from ursa import io
 from ursa.evaluate import (BEST_OF_N_NS, RULE_NAMES, acc_record, best_of_n_table, by_family, load_problems,
-                           paired_bootstrap, prm_scores, problem_pixels, sample)
+                           option_step_accuracy, paired_bootstrap, prm_scores, problem_pixels, sample)
 from ursa.dualmath import label_quality
 from ursa.plots import line_chart
 from ursa.prm import AGGREGATIONS, auc, first_error_hit, step_scores
@@ -122,13 +122,13 @@ def oracle_verdicts(records, s) -> list:
 
 
 ERROR_KINDS = ("right", "perception", "arithmetic", "option", "answer line", "incomplete", "unparsable")
-_CLAUSE_KIND = {"read": "perception", "option": "option"}       # every other clause is arithmetic
+_CLAUSE_KIND = {"read": "perception", "option": "option", "check": "option"}   # every other clause: arithmetic
 
 
 def error_kind(v) -> str:
     """What went wrong first in a toy response, by the oracle's verdict: "right" (every step and
     the answer right), "perception" (the first wrong step misreads or mis-selects a fact),
-    "arithmetic" (a false or misplaced computation), "option" (the wrong option letter), "answer
+    "arithmetic" (a false or misplaced computation), "option" (a wrong option letter or option check), "answer
     line" (every step right, the answer line wrong), "incomplete" (the steps stop early),
     "unparsable" (the oracle cannot read it)."""
     from ursa.oracle import parse_step
@@ -281,6 +281,8 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
             res["policy_judge"] = policy_judge(model, tok, test, extra["samples"], px, per["sft"], N=recipe.bon_samples)
             plot_best_of_n(run / "best_of_n.png", summary, "SFT policy on the toy test")
         if stage == "sft":
+            summary["option_step"] = option_step_accuracy(model, tok, test, problem_pixels(test, data, model.cfg.vision),
+                                                          recipe.max_new_tokens)
             for mode in ("blank", "shuffled"):
                 b = sample(model, tok, test, data, image_mode=mode, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
                 summary[f"test_greedy_{mode}_images"] = acc_record(b.first_correct())
@@ -345,6 +347,10 @@ def render_results(res: dict) -> str:
             out.append(f"{p['label']} greedy responses on the toy test, by where they first go wrong (the world's "
                        f"oracle):\n" + table([("family",) + ERROR_KINDS] + [(f,) + tuple(c[k] for k in ERROR_KINDS)
                                                                            for f, c in fams.items()]))
+        if p.get("option_step", {}).get("n"):
+            out.append(f"{p['label']}, option step continued from the reference solution's right value (greedy, "
+                       f"`ursa.evaluate.option_step_accuracy`): {pct(p['option_step'])} of {p['option_step']['n']} "
+                       f"multiple-choice problems (1 in 4 options: 25%).")
     for stage, p in P.items():
         if "best_of_n" not in p:
             continue

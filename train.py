@@ -70,9 +70,18 @@ RL_FILTER_SEED = 1_234         # the RL-prompt filter's samples (fixed: every GR
 # Shared set-up
 # =============================================================================================
 
-def ensure_world(recipe: Recipe, quiet: bool = False) -> Path:
-    return write_world(recipe.data_dir, n_train=recipe.n_train, n_rl=recipe.n_rl, n_test=recipe.n_test,
-                       n_hard=recipe.n_hard, progress=not quiet)
+def ensure_world(recipe: Recipe, quiet: bool = False, force: bool = False) -> Path:
+    """The toy world's folder, written when missing. One written with other counts, knobs or record
+    format is an error, or with force rewritten (only then: under torchrun the ranks after the first
+    find it up to date and reuse it)."""
+    kw = dict(n_train=recipe.n_train, n_rl=recipe.n_rl, n_test=recipe.n_test, n_hard=recipe.n_hard,
+              progress=not quiet)
+    try:
+        return write_world(recipe.data_dir, **kw)
+    except ValueError:
+        if not force:
+            raise
+        return write_world(recipe.data_dir, force=True, **kw)
 
 
 def model_config(recipe: Recipe, tok: Tokenizer) -> ModelConfig:
@@ -476,7 +485,7 @@ def run_stage(name: str, run: Path, recipe: Recipe, rt: Runtime, stop_after=None
         raise TrainingError(f"--fsdp runs the stages {', '.join(FSDP_STAGES)}; run {name!r} without it")
     if run.exists() and not run.is_dir():
         raise TrainingError(f"{run}: exists and is not a folder")
-    data_dir = rt.main_first(ensure_world, recipe, quiet)
+    data_dir = rt.main_first(ensure_world, recipe, quiet, force)
     tok = rt.main_first(world_tokenizer, run / "tokenizer.json", data_dir, recipe.vocab_size)
     key = stage_dir_name(name, recipe, **kw)
     times_file = run / "stage_seconds.json"
@@ -491,10 +500,11 @@ def run_stage(name: str, run: Path, recipe: Recipe, rt: Runtime, stop_after=None
     return times.get(key, time.time() - t)
 
 
-def run_all(recipe: Recipe, run: Path, rt: Runtime, quiet=False) -> dict:
-    """The world, every stage (finished ones are skipped), then the evaluation and results files."""
+def run_all(recipe: Recipe, run: Path, rt: Runtime, quiet=False, force_world=False) -> dict:
+    """The world (rewritten when outdated and force_world), every stage (finished ones are skipped),
+    then the evaluation and results files."""
     t0 = time.time()
-    ensure_world(recipe, quiet)
+    ensure_world(recipe, quiet, force_world)
     times = {"world": time.time() - t0}
     for s in STAGES:
         times[s] = run_stage(s, run, recipe, rt, quiet=quiet)
@@ -524,7 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run folder (default runs/toy or runs/quick); under torchrun write --run-dir "
                         "(torchrun reads --run as an abbreviation of its own --run-path)")
     p.add_argument("--stop-after", type=int, help="stop after this many optimizer steps (with a checkpoint)")
-    p.add_argument("--force", action="store_true", help="resume even though the stage's settings changed")
+    p.add_argument("--force", action="store_true", help="resume even though the stage's settings changed; rewrite "
+                   "the toy world's folder when its counts, knobs or record format changed")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (one process; --fsdp picks its own)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: all cores)")
     p.add_argument("--fsdp", action="store_true", help="FSDP2 over the torchrun processes (align, sft, prm, grpo)")
@@ -585,7 +596,7 @@ def _main(args, rt: Runtime):
         if args.stop_after is not None and args.stage in ("all", "ablation", "label"):
             raise TrainingError("--stop-after stops one training stage: name it (pretrain, align, sft, prm or grpo)")
         if args.stage == "all":
-            run_all(recipe, run, rt)
+            run_all(recipe, run, rt, force_world=args.force)
         elif args.stage == "ablation":
             run_ablation(recipe, run, rt)
         else:

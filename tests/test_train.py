@@ -395,3 +395,17 @@ def test_grpo_variant2_runs_with_its_token_map(micro_run, tmp_path, monkeypatch)
     train.stage_grpo(r2, recipe, Tokenizer.from_file(r2 / "tokenizer.json"), RT, quiet=True, reward="v2")
     assert len(seen) == recipe.rl.prompts * recipe.rl.group
     assert (r2 / "grpo-v2" / "model" / "model.safetensors").exists()
+
+
+def test_outdated_world_is_an_error_naming_force_and_force_rewrites_it(tmp_path):
+    """train.py's --force reaches the world: without it an outdated world folder stops the stage
+    with the reason; with it the folder is rewritten with the recipe's counts."""
+    r = Recipe(data_dir=str(tmp_path / "w"), n_train=6, n_rl=2, n_test=2, n_hard=2)
+    train.ensure_world(r, quiet=True)
+    r.n_test = 3
+    with pytest.raises(ValueError, match=r"n_test 2 -> 3.*pass --force"):
+        train.ensure_world(r, quiet=True)
+    train.ensure_world(r, quiet=True, force=True)
+    assert json.loads((tmp_path / "w" / "manifest.json").read_text())["args"]["n_test"] == 3
+    assert len((tmp_path / "w" / "test.jsonl").read_text().splitlines()) == 3
+    train.ensure_world(r, quiet=True)               # up to date now: reused, no error

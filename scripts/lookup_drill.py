@@ -24,11 +24,11 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ursa.config import LMConfig  # noqa: E402
+from ursa.data import next_token_loss  # noqa: E402
 from ursa.lm import Qwen2LM  # noqa: E402
 from ursa.tokenizer import train_toy_tokenizer  # noqa: E402
 from ursa.world import OPTION_LETTERS, option_step  # noqa: E402
@@ -81,9 +81,7 @@ def main():
             ids[i, :len(r)] = torch.tensor(r)
             mask[i, a:b] = 1
         logits = lm.head(lm(lm.model.embed_tokens(ids)))     # [B, T, V]; right padding needs no mask
-        loss_t = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:], reduction="none")   # [B, T-1]
-        m = mask[:, 1:]                                      # token t is predicted at t - 1
-        loss = (loss_t * m).sum() / m.sum()
+        loss, _ = next_token_loss(logits, ids, mask)         # mean over the target tokens
         if step % LOG_EVERY == 0:
             # the answer's letter is the last token of every row
             last = torch.tensor([b - 1 for _, b in spans])

@@ -230,3 +230,58 @@ def test_error_kind_by_hand():
     assert error_kind(OracleVerdict(steps[:1], None, [1], "", True)) == "right"
     assert error_kind(OracleVerdict(steps[:1], None, [1], "", False, complete=False)) == "incomplete"
     assert error_kind(OracleVerdict(steps[:1], None, [1], "", False)) == "answer line"
+
+
+def test_step_features_and_labels_by_hand():
+    from types import SimpleNamespace
+
+    from ursa.evaluate import STEP_SCALE, step_features, step_labels
+    assert step_features([-0.5, -2.0]) == [[-0.5, 0.0, 0.0], [-2.0, 1 / STEP_SCALE, 1.0]]
+    assert step_features([]) == []
+    v = SimpleNamespace(labels=[1, 0])
+    assert step_labels(v, 3, correct=True) == [1.0, 0.0, 1.0]      # past the oracle's list: the outcome
+    assert step_labels(v, 1, correct=False) == [1.0]
+    assert step_labels(None, 2, correct=True) == [0.0, 0.0]        # unparsable: every step wrong
+
+
+def test_fit_logistic_is_the_regularised_optimum():
+    """At the returned weights the gradient of mean BCE + L2 |w|^2 (bias free) vanishes: an
+    independent check of the optimum, computed by hand from the closed-form gradient."""
+    from ursa.evaluate import CEILING_L2, fit_logistic
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 3, generator=g)
+    y = (X[:, 0] - 0.5 * X[:, 1] + 0.3 * torch.randn(200, generator=g) > 0).float()
+    w = fit_logistic(X, y)
+    A = torch.cat([X, torch.ones(200, 1)], 1)
+    p = torch.sigmoid(A @ w)
+    grad = A.T @ (p - y) / 200
+    grad[:-1] += 2 * CEILING_L2 * w[:-1]
+    assert grad.abs().max() < 1e-4
+    assert w[0] > 0 > w[1]                                           # the signs of the true rule
+
+
+def test_fitted_best_of_n_picks_by_the_fitted_readout_per_held_out_fold():
+    """Step label 1 iff the step's log-prob feature is high. Each problem's right sample has only
+    high steps, the wrong ones one low step; the right one sits at a different index per problem,
+    and a sample with no steps never wins. Picking the lowest score, or a fold's own training
+    problems, would not give all right."""
+    from ursa.evaluate import fitted_best_of_n, step_features
+    feats, labels, correct = [], [], []
+    for i in range(8):
+        right = i % 3
+        row_f, row_l, row_c = [], [], []
+        for j in range(4):
+            if j == 3:
+                lps = []                                             # no steps
+            elif j == right:
+                lps = [-0.1, -0.2, -0.1]
+            else:
+                lps = [-0.1, -3.0 - 0.1 * j, -0.2]
+            row_f.append(step_features(lps))
+            row_l.append([1.0 if lp > -1 else 0.0 for lp in lps])
+            row_c.append(j == right)
+        feats.append(row_f), labels.append(row_l), correct.append(row_c)
+    correct[5][3] = True                                            # the stepless sample is "right": still never picked
+    assert fitted_best_of_n(feats, labels, correct) == [True] * 8
+    flipped = [[[1.0 - y for y in ys] for ys in row] for row in labels]   # a readout fitted to the opposite labels
+    assert fitted_best_of_n(feats, flipped, correct) == [False] * 8

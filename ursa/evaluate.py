@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
 from ursa.answer import is_equiv, judge
@@ -380,4 +381,68 @@ def likelihood_best_of_n(s: Samples, logprobs: list, n: Optional[int] = None) ->
     for c, lp in zip(s.correct, logprobs):
         worst = [min(x) if x else float("-inf") for x in lp[:n]]
         out.append(c[max(range(len(worst)), key=worst.__getitem__)])
+    return out
+
+
+# ---- the ceiling of a verifier that knows what the policy knows (scripts/verifier_ceiling.py) ----
+
+CEILING_FOLDS = 2
+CEILING_L2 = 1e-3    # ridge on the weights (not the bias): keeps LBFGS finite on separable folds
+STEP_SCALE = 8.0     # k / 8: the toy's solutions have 3-8 steps, so the feature stays near [0, 1]
+
+
+def step_features(logprobs: list[float]) -> list[list[float]]:
+    """Per step k of one sample: [log p(step k), k / STEP_SCALE, 1 if k is the last step]."""
+    n = len(logprobs)
+    return [[lp, k / STEP_SCALE, float(k == n - 1)] for k, lp in enumerate(logprobs)]
+
+
+def step_labels(verdict, n_steps: int, correct: bool) -> list[float]:
+    """The oracle's label of each step (1 right, 0 wrong); an unparsable response's steps are all 0;
+    steps past the oracle's list take the sample's outcome."""
+    if verdict is None:
+        return [0.0] * n_steps
+    lab = list(verdict.labels)
+    return [float(lab[k]) if k < len(lab) else float(correct) for k in range(n_steps)]
+
+
+def fit_logistic(X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Weights [d + 1] (bias last) minimising mean BCE + L2 * |w|^2, by LBFGS. X: [m, d], y: [m]."""
+    A = torch.cat([X, torch.ones(len(X), 1)], 1)
+    w = torch.zeros(A.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(A @ w, y) + CEILING_L2 * (w[:-1] ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return w.detach()
+
+
+def fitted_best_of_n(feats: list, labels: list, correct: list, folds: int = CEILING_FOLDS) -> list[bool]:
+    """feats[i][j]: step features of sample j of problem i; labels likewise (per step); correct[i][j].
+    For each fold f, fit on the problems with i % folds != f (features standardised on them), then
+    per problem of fold f pick the sample with the largest sum of log sigmoid(z_k) (a sample without
+    steps never wins). Returns per problem whether the pick is right."""
+    out = [False] * len(feats)
+    for f in range(folds):
+        rows = [(x, y) for i in range(len(feats)) if i % folds != f
+                for xs, ys in zip(feats[i], labels[i]) for x, y in zip(xs, ys)]
+        X = torch.tensor([x for x, _ in rows], dtype=torch.float64)
+        y = torch.tensor([y for _, y in rows], dtype=torch.float64)
+        mu, sd = X.mean(0), X.std(0).clamp_min(1e-6)
+        w = fit_logistic(((X - mu) / sd).float(), y.float()).double()
+        for i in range(f, len(feats), folds):
+            best, pick = float("-inf"), None
+            for j, xs in enumerate(feats[i]):
+                if not xs:
+                    continue
+                z = torch.cat([(torch.tensor(xs, dtype=torch.float64) - mu) / sd,
+                               torch.ones(len(xs), 1, dtype=torch.float64)], 1) @ w
+                s = float(F.logsigmoid(z).sum())
+                if s > best:
+                    best, pick = s, j
+            out[i] = pick is not None and bool(correct[i][pick])
     return out

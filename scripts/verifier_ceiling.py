@@ -37,7 +37,16 @@ from ursa.results import oracle_verdicts  # noqa: E402
 from ursa.tokenizer import Tokenizer  # noqa: E402
 from ursa.weights import load_model  # noqa: E402
 
-def main(argv=None):
+def main(argv=None) -> int:
+    try:
+        run(argv)
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:   # DataError is a ValueError
+        print(f"verifier_ceiling.py: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", required=True, help="the policy's model folder (its run holds tokenizer.json)")
     ap.add_argument("--data", required=True, help="a toy test file (its images beside it)")
@@ -52,6 +61,9 @@ def main(argv=None):
     model = load_model(args.model).eval()
     tok = Tokenizer.from_file(Path(args.model).resolve().parent.parent / "tokenizer.json")
     records = load_problems(args.data)[:args.limit]
+    if len(records) < CEILING_FOLDS:
+        raise SystemExit(f"{args.data}: {len(records)} problem(s); the readout is fitted on {CEILING_FOLDS} folds "
+                         f"of problems, so it needs at least {CEILING_FOLDS}")
     base = Path(args.data).parent
     px = problem_pixels(records, base, model.cfg.vision)
     s = sample(model, tok, records, base, n=args.n, temperature=args.temperature,
@@ -84,4 +96,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

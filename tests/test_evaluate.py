@@ -285,3 +285,5 @@ def test_fitted_best_of_n_picks_by_the_fitted_readout_per_held_out_fold():
     assert fitted_best_of_n(feats, labels, correct) == [True] * 8
     flipped = [[[1.0 - y for y in ys] for ys in row] for row in labels]   # a readout fitted to the opposite labels
     assert fitted_best_of_n(feats, flipped, correct) == [False] * 8
+    with pytest.raises(ValueError, match="1 problem"):
+        fitted_best_of_n(feats[:1], labels[:1], correct[:1])

@@ -426,6 +426,9 @@ def fitted_best_of_n(feats: list, labels: list, correct: list, folds: int = CEIL
     For each fold f, fit on the problems with i % folds != f (features standardised on them), then
     per problem of fold f pick the sample with the largest sum of log sigmoid(z_k) (a sample without
     steps never wins). Returns per problem whether the pick is right."""
+    if len(feats) < folds:
+        raise ValueError(f"fitted_best_of_n: {len(feats)} problem(s) for {folds} folds; each fold is "
+                         f"fitted on the other folds' problems, so at least {folds} are needed")
     out = [False] * len(feats)
     for f in range(folds):
         rows = [(x, y) for i in range(len(feats)) if i % folds != f

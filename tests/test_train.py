@@ -56,6 +56,8 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
         assert not (run / stage / "resume").exists()
     assert {"align", "sft", "grpo"} <= set(res["policies"]) and "prm_heldout" in res
     assert set(res["policies"]["sft"]["best_of_n"]["2"]) == {"maj", "pass", "weighted", "min", "mean", "last", "product"}
+    assert "best_of_n" not in res["policies"]["align"] and "greedy" in res["policies"]["align"]["sampling"]
+    assert set(res["policies"]["grpo"]["best_of_n"]) == set(res["policies"]["sft"]["best_of_n"])
     assert json.loads((run / "results.json").read_text()) == jsonable(res)          # NaN written as null
     assert "PS-GRPO" in (run / "results.md").read_text()
     # the PRM's within-problem ranking and its clean-pair test are measured and rendered

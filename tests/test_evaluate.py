@@ -211,11 +211,11 @@ def test_option_step_accuracy_continues_each_mc_record_from_its_option_header(mo
     monkeypatch.setattr(ev, "sample_texts", fake_sample_texts)
     monkeypatch.setattr(ev, "prompts_for", lambda rs, tok, cfg, prefixes: [(r["question"], p) for r, p in zip(rs, prefixes)])
     pixels = torch.arange(3.0).view(3, 1)
-    r = ev.option_step_accuracy(SimpleNamespace(cfg=None), None, recs, pixels)
+    r = ev.option_step_accuracy(SimpleNamespace(cfg=None), None, recs, pixels, 128)
     assert seen["prompts"] == [("q1", "Step 1: 1 + 1 = 2.\n\nStep 2:"), ("q2", "Step 1: 2 + 3 = 5.\n\nStep 2:")]
     assert seen["pixels"].flatten().tolist() == [1.0, 2.0]
     assert (r["n"], r["correct"]) == (2, 1)         # m1 answers B (right), m2 answers B (wrong: A)
-    assert ev.option_step_accuracy(SimpleNamespace(cfg=None), None, recs[:1], pixels)["n"] == 0
+    assert ev.option_step_accuracy(SimpleNamespace(cfg=None), None, recs[:1], pixels, 128)["n"] == 0
 
 
 def test_error_kind_by_hand():

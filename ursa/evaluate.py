@@ -316,7 +316,7 @@ def option_prefixes(records) -> list[tuple[int, str]]:
 
 
 @torch.no_grad()
-def option_step_accuracy(model, tok, records, pixels: torch.Tensor, max_new_tokens: int = 96) -> dict:
+def option_step_accuracy(model, tok, records, pixels: torch.Tensor, max_new_tokens: int) -> dict:
     """Can the policy name the option once the value is right? For every multiple-choice record
     (`option_prefixes`): greedy continuation of the reference solution from its option step's
     header, judged as a whole response (prefix + continuation). acc_record of the verdicts; a

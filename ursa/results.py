@@ -91,14 +91,15 @@ def _policy_eval(model, tok, test, hard, data: Path, recipe, prm, quiet: bool, s
                  ) -> tuple[dict, dict, dict]:
     """Greedy on test and hard; if `samples`, N = recipe.bon_samples samples at T = 1: maj@N, pass@N
     and (with a PRM) best-of-N. Returns (summary for results.json, per-problem verdicts for paired
-    tests, {"samples", "scores"} of the N samples for the PRM measurements)."""
+    tests, {"greedy", "pixels" (the test images as this policy sees them), "samples", "scores"}
+    for the PRM and option measurements)."""
     mx, N = recipe.max_new_tokens, (recipe.bon_samples if samples else 1)
     px = problem_pixels(test, data, model.cfg.vision)
     g_t = sample(model, tok, test, data, max_new_tokens=mx, pixels=px, quiet=quiet)
     g_h = sample(model, tok, hard, data, max_new_tokens=mx, quiet=quiet)
     out = {"test_greedy": acc_record(g_t.first_correct()), "hard_greedy": acc_record(g_h.first_correct()),
            "test_greedy_by_family": by_family(test, g_t.first_correct()), "sampling": {"greedy": g_t.speed}}
-    verdicts, extra = {"greedy": g_t.first_correct()}, {"greedy": g_t}
+    verdicts, extra = {"greedy": g_t.first_correct()}, {"greedy": g_t, "pixels": px}
     if N > 1:
         s = sample(model, tok, test, data, n=N, temperature=1.0, max_new_tokens=mx, pixels=px, quiet=quiet)
         out["sample_acc_T1"] = s.sample_acc()
@@ -268,8 +269,8 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         if not (run / stage / "model").exists():
             continue
         model = load_model(run / stage / "model", device=rt.device).eval()
-        # the aligned model (about 7% greedy on the toy) gets greedy only: its 16 samples per problem ran to the
-        # token budget and took longer than the SFT policy's, to show a best-of-N table nobody reads
+        # the aligned model (about 7% greedy on the toy) gets greedy only: its 16 samples per problem run to the
+        # token budget and took longer than the SFT policy's, for the maj@N of a policy that cannot do the task
         summary, per[stage], extra = _policy_eval(model, tok, test, hard, data, recipe,
                                                   prm if stage != "align" else None, quiet, samples=stage != "align")
         summary["label"] = label
@@ -278,14 +279,13 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         if stage == "sft" and "scores" in extra:
             res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"],
                                              extra["samples"].correct)
-            px = problem_pixels(test, data, prm.cfg.vision)
-            res["prm_pairs"] = mie_pair_test(prm, tok, test, px)
-            res["policy_pairs"] = policy_pair_test(model, tok, test, px)
-            res["policy_judge"] = policy_judge(model, tok, test, extra["samples"], px, per["sft"], N=recipe.bon_samples)
+            res["prm_pairs"] = mie_pair_test(prm, tok, test, problem_pixels(test, data, prm.cfg.vision))
+            res["policy_pairs"] = policy_pair_test(model, tok, test, extra["pixels"])
+            res["policy_judge"] = policy_judge(model, tok, test, extra["samples"], extra["pixels"], per["sft"],
+                                               N=recipe.bon_samples)
             plot_best_of_n(run / "best_of_n.png", summary, "SFT policy on the toy test")
         if stage == "sft":
-            summary["option_step"] = option_step_accuracy(model, tok, test, problem_pixels(test, data, model.cfg.vision),
-                                                          recipe.max_new_tokens)
+            summary["option_step"] = option_step_accuracy(model, tok, test, extra["pixels"], recipe.max_new_tokens)
             for mode in ("blank", "shuffled"):
                 b = sample(model, tok, test, data, image_mode=mode, max_new_tokens=recipe.max_new_tokens, quiet=quiet)
                 summary[f"test_greedy_{mode}_images"] = acc_record(b.first_correct())

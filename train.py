@@ -557,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--max-len", type=int, help="truncate training sequences to this many tokens")
     o.add_argument("--oracle-labels", action="store_true",
                    help="prm: train on the toy world's true step labels instead of DualMath's (into <run>/prm-oracle)")
+    o.add_argument("--label-problems", type=int, help="label: training problems sampled for DualMath (toy default 600)")
+    o.add_argument("--prm-train-vision", action="store_true",
+                   help="prm: train the vision tower and projector too (the paper freezes them)")
     g = p.add_argument_group("grpo")
     g.add_argument("--reward", choices=REWARDS, help="outcome (GRPO), ps (PS-GRPO, default), v1, v2 (Appendix B.1)")
     g.add_argument("--grpo-steps", type=int, help="GRPO optimizer steps")

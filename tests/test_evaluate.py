@@ -287,3 +287,18 @@ def test_fitted_best_of_n_picks_by_the_fitted_readout_per_held_out_fold():
     assert fitted_best_of_n(feats, flipped, correct) == [False] * 8
     with pytest.raises(ValueError, match="1 problem"):
         fitted_best_of_n(feats[:1], labels[:1], correct[:1])
+
+
+def test_filtered_majority_votes_among_the_samples_a_kind_verifier_keeps():
+    from ursa.evaluate import filtered_majority
+    s = samples()
+    kinds = [["perception", "right", "perception", "right"],     # p0: answers 5, 7, 5, 7
+             ["right", "option", "option", "right"]]             # p1: answers 2 (= B), A, A, (B)
+    assert filtered_majority(s, RECS, kinds, ()) == s.maj(RECS) == [False, False]
+    assert filtered_majority(s, RECS, kinds, ("arithmetic",)) == [False, False]   # nothing of that kind
+    assert filtered_majority(s, RECS, kinds, ("perception",)) == [True, False]    # p0 keeps 7, 7
+    assert filtered_majority(s, RECS, kinds, ("option",)) == [False, True]        # p1 keeps 2, B: both right
+    assert filtered_majority(s, RECS, kinds, ("perception", "right")) == [False, False]  # p0: all dropped -> all
+    # four vote (5 first); p1 keeps A, A
+    assert filtered_majority(s, RECS, kinds, ("perception",), n=2) == [True, True]      # p0: 5 dropped, 7 kept;
+    # p1: 2 and A tie, 2 first

@@ -321,6 +321,11 @@ def test_stage_flags_override_one_stage_and_epochs_set_steps():
     g = train.apply_overrides(Recipe(), train.build_parser().parse_args(
         ["grpo", "--reward", "v2", "--group", "4", "--ppo-epochs", "2", "--kl-coef", "0.01", "--no-rl-filter"]))
     assert (g.rl.reward, g.rl.group, g.rl.ppo_epochs, g.rl.kl_coef, g.rl.filter) == ("v2", 4, 2, 0.01, False)
+    lp = train.apply_overrides(Recipe(), train.build_parser().parse_args(["label", "--label-problems", "3000"]))
+    assert (lp.label.n_problems, lp.label.k_samples, lp.train_vision_in_prm) == (3000, Recipe().label.k_samples, False)
+    assert train.apply_overrides(Recipe(), train.build_parser().parse_args(["prm", "--prm-train-vision"])).train_vision_in_prm
+    with pytest.raises(ValueError, match="--label-problems must be >= 1"):
+        train.apply_overrides(Recipe(), train.build_parser().parse_args(["label", "--label-problems", "0"]))
 
 
 def test_eval_cli_prm_table_and_diagnosis(micro_run, capsys):

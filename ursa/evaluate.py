@@ -449,3 +449,16 @@ def fitted_best_of_n(feats: list, labels: list, correct: list, folds: int = CEIL
                     best, pick = s, j
             out[i] = pick is not None and bool(correct[i][pick])
     return out
+
+
+def filtered_majority(s: Samples, records, kinds: list, drop: Sequence[str], n: Optional[int] = None) -> list[bool]:
+    """Per record: majority vote over the first n samples whose first-error kind (kinds[i][j], e.g.
+    ursa.results.error_kind of the oracle's verdict) is not in `drop`; all n samples when every one
+    is dropped. What best-of-n gets from a verifier that flags exactly the errors of the dropped kinds
+    and knows nothing else (ties keep majority_vote's rule: the first answer seen)."""
+    n = n or s.n
+    out = []
+    for r, e, k in zip(records, s.extracted, kinds):
+        kept = [a for a, kind in zip(e[:n], k[:n]) if kind not in drop] or e[:n]
+        out.append(is_equiv(majority_vote(kept), *gold(r)))
+    return out

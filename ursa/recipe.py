@@ -112,6 +112,12 @@ def apply_overrides(recipe: Recipe, args) -> Recipe:
     if getattr(args, "no_rl_filter", False):
         rl["filter"] = False
     recipe.rl = replace(recipe.rl, **rl)
+    if getattr(args, "label_problems", None) is not None:
+        if args.label_problems < 1:
+            raise TrainingError(f"--label-problems must be >= 1, got {args.label_problems}")
+        recipe.label = replace(recipe.label, n_problems=args.label_problems)
+    if getattr(args, "prm_train_vision", False):
+        recipe.train_vision_in_prm = True
     if getattr(args, "grpo_steps", None) is not None:
         recipe.grpo = replace(recipe.grpo, steps=args.grpo_steps)
     given = {f: getattr(args, f) for f in OPT_FLAGS if getattr(args, f, None) is not None}

@@ -33,18 +33,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ursa.evaluate import (CEILING_FOLDS, filtered_majority, fitted_best_of_n, fmt_acc,  # noqa: E402
-                           likelihood_best_of_n, load_problems, paired_bootstrap, problem_pixels, sample,
-                           step_features, step_labels, step_logprobs)
+from ursa.evaluate import (CEILING_FOLDS, fitted_best_of_n, fmt_acc, likelihood_best_of_n, load_problems,  # noqa: E402
+                           paired_bootstrap, problem_pixels, sample, step_features, step_labels, step_logprobs)
 from ursa.prm import split_steps  # noqa: E402
-from ursa.results import error_kind, oracle_verdicts  # noqa: E402
+from ursa.results import error_kind, kind_verifiers, oracle_verdicts  # noqa: E402
 from ursa.tokenizer import Tokenizer  # noqa: E402
 from ursa.weights import load_model  # noqa: E402
-
-# the verifiers of step 5: the kinds of first error each one flags
-KIND_VERIFIERS = {"perception": ("perception",), "arithmetic": ("arithmetic",), "option": ("option",),
-                  "arithmetic + option": ("arithmetic", "option"),
-                  "all but perception": ("arithmetic", "option", "answer line", "incomplete", "unparsable")}
 
 
 def main(argv=None) -> int:
@@ -101,14 +95,11 @@ def run(argv=None):
     for name in ("fitted", "judge"):
         d = res[f"{name}_minus_maj"]
         print(f"  {name} minus maj@{n}: {100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
-    kinds = [[error_kind(v) for v in vr] for vr in verdicts]
-    res["kind_verifiers"] = {}
-    print(f"  a verifier that flags exactly one kind of first error (maj@{n} over the samples it keeps):")
-    for name, drop in KIND_VERIFIERS.items():
-        picked = filtered_majority(s, records, kinds, drop)
-        d = paired_bootstrap(picked, maj)
-        res["kind_verifiers"][name] = {"acc": sum(picked) / len(maj), "minus_maj": d}
-        print(f"    {name:<22} {fmt_acc(sum(picked), len(maj))}  "
+    res["kind_verifiers"] = kind_verifiers(records, s, [[error_kind(v) for v in vr] for vr in verdicts])
+    print(f"  a verifier that flags exactly some kinds of first error (maj@{n} over the samples it keeps):")
+    for name, e in res["kind_verifiers"].items():
+        d = e["minus_maj"]
+        print(f"    {name:<22} {fmt_acc(e['best_of_n']['correct'], e['best_of_n']['n'])}  "
               f"({100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] vs maj@{n})")
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")

@@ -302,3 +302,19 @@ def test_filtered_majority_votes_among_the_samples_a_kind_verifier_keeps():
     # four vote (5 first); p1 keeps A, A
     assert filtered_majority(s, RECS, kinds, ("perception",), n=2) == [True, True]      # p0: 5 dropped, 7 kept;
     # p1: 2 and A tie, 2 first
+
+
+def test_kind_verifiers_vote_among_kept_samples_against_the_same_maj():
+    from ursa.results import KIND_VERIFIERS, kind_verifiers
+    s = samples()
+    kinds = [["perception", "right", "perception", "right"],     # p0: answers 5, 7, 5, 7 (maj 5: wrong)
+             ["right", "option", "option", "right"]]             # p1: answers 2 (= B), A, A, (B) (maj A: wrong)
+    kv = kind_verifiers(RECS, s, kinds)
+    assert set(kv) == set(KIND_VERIFIERS)
+    acc = {k: e["best_of_n"]["acc"] for k, e in kv.items()}
+    # perception: p0 keeps 7, 7 (right), p1 all (A). arithmetic: nothing dropped, both wrong. option and
+    # the two wider verifiers: p1 keeps 2, B (right), p0 all.
+    assert acc == {"perception": 0.5, "arithmetic": 0.0, "option": 0.5, "arithmetic + option": 0.5,
+                   "all but perception": 0.5}
+    assert kv["perception"]["minus_maj"]["diff"] == pytest.approx(0.5)     # maj@4 is wrong on both
+    assert kv["arithmetic"]["minus_maj"]["diff"] == pytest.approx(0.0)

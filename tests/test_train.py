@@ -66,6 +66,10 @@ def test_recipe_runs_every_stage_and_writes_results(micro_run):
     assert q["mixed_problems"] == 0 or 0.0 <= q["within_problem_auc"] <= 1.0
     assert res["prm_pairs"] and all(e["n"] > 0 and 0.0 <= e["step_lower"] <= 1.0 for e in res["prm_pairs"].values())
     assert set(res["policy_pairs"]) == set(res["prm_pairs"])          # the same pairs, judged by the SFT policy
+    kv, maj_n = res["kind_verifiers"], res["policies"]["sft"]["best_of_n"][str(res["settings"]["bon_samples"])]["maj"]
+    assert set(kv) == {"perception", "arithmetic", "option", "arithmetic + option", "all but perception"}
+    for e in kv.values():         # each against the SFT policy's own maj@N on the same samples
+        assert abs(e["minus_maj"]["diff"] - (e["best_of_n"]["acc"] - maj_n["acc"])) < 1e-9
     j = res["policy_judge"]
     assert j["n"] == res["settings"]["bon_samples"] and j["best_of_n"]["n"] == res["settings"]["n_test"]
     assert abs(j["minus_maj"]["diff"] - (j["best_of_n"]["acc"] - res["policies"]["sft"]["best_of_n"][str(j["n"])]["maj"]["acc"])) < 1e-9

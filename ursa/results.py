@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 
 from ursa import io
-from ursa.evaluate import (BEST_OF_N_NS, RULE_NAMES, acc_record, best_of_n_table, by_family, load_problems,
-                           option_step_accuracy, paired_bootstrap, prm_scores, problem_pixels, sample)
+from ursa.evaluate import (BEST_OF_N_NS, RULE_NAMES, acc_record, best_of_n_table, by_family, filtered_majority,
+                           load_problems, option_step_accuracy, paired_bootstrap, prm_scores, problem_pixels, sample)
 from ursa.dualmath import label_quality
 from ursa.plots import line_chart
 from ursa.prm import AGGREGATIONS, auc, first_error_hit, step_scores
@@ -140,6 +140,24 @@ def error_kind(v) -> str:
         return "right" if v.answer_correct else ("incomplete" if not v.complete else "answer line")
     clauses = parse_step(v.steps[v.first_error - 1]) or [("?",)]
     return _CLAUSE_KIND.get(clauses[0][0], "arithmetic")
+
+
+# Verifiers that flag exactly some kinds of first error (error_kind) and nothing else: what catching
+# each kind is worth to best-of-N (kind_verifiers)
+KIND_VERIFIERS = {"perception": ("perception",), "arithmetic": ("arithmetic",), "option": ("option",),
+                  "arithmetic + option": ("arithmetic", "option"),
+                  "all but perception": ("arithmetic", "option", "answer line", "incomplete", "unparsable")}
+
+
+def kind_verifiers(records, s, kinds: list) -> dict:
+    """Per KIND_VERIFIERS entry: maj@N among the samples it keeps (ursa.evaluate.filtered_majority; kinds[i][j]
+    is error_kind of sample j of record i) as an acc_record, and its paired difference to maj@N."""
+    maj = s.maj(records)
+    out = {}
+    for name, drop in KIND_VERIFIERS.items():
+        picked = filtered_majority(s, records, kinds, drop)
+        out[name] = {"best_of_n": acc_record(picked), "minus_maj": paired_bootstrap(picked, maj)}
+    return out
 
 
 def headroom(records, s, verdicts: list) -> dict:
@@ -276,9 +294,12 @@ def evaluate_recipe(run: Path, recipe, times: dict, rt, quiet: bool = False) -> 
         summary["label"] = label
         if stage == "sft":
             summary["greedy_errors"] = error_breakdown(test, oracle_verdicts(test, extra["greedy"]))
+        if stage == "sft" and "samples" in extra:
+            sample_verdicts = oracle_verdicts(test, extra["samples"])
+            res["kind_verifiers"] = kind_verifiers(test, extra["samples"],
+                                                   [[error_kind(v) for v in row] for row in sample_verdicts])
         if stage == "sft" and "scores" in extra:
-            res["prm_quality"] = prm_quality(oracle_verdicts(test, extra["samples"]), extra["scores"],
-                                             extra["samples"].correct)
+            res["prm_quality"] = prm_quality(sample_verdicts, extra["scores"], extra["samples"].correct)
             res["prm_pairs"] = mie_pair_test(prm, tok, test, problem_pixels(test, data, prm.cfg.vision))
             res["policy_pairs"] = policy_pair_test(model, tok, test, extra["pixels"])
             res["policy_judge"] = policy_judge(model, tok, test, extra["samples"], extra["pixels"], per["sft"],
@@ -388,6 +409,12 @@ def render_results(res: dict) -> str:
         j = res["policy_judge"]
         out.append(f"The policy's own step likelihoods as the judge, best-of-{j['n']} over the same samples: "
                    f"{pct(j['best_of_n'])} ({diff_pct(j['minus_maj'])} points against maj@{j['n']})")
+    if res.get("kind_verifiers"):
+        N = res["settings"]["bon_samples"]
+        rows = [("a verifier that flags exactly", f"best-of-{N} (maj@{N} of the samples it keeps)", f"minus maj@{N}")]
+        rows += [(k, pct(e["best_of_n"]), diff_pct(e["minus_maj"])) for k, e in res["kind_verifiers"].items()]
+        out.append(f"What catching each kind of first error (the oracle's) is worth on the SFT policy's {N} samples "
+                   f"(`ursa.evaluate.filtered_majority`):\n" + table(rows))
     if res.get("label_quality"):
         rows = [("labels", "solutions", "exact first error", "too early", "too late", "unparsable")]
         names = {"bel": "BEL records", "mie": "MIE records", "correct": "correct records",

@@ -66,7 +66,7 @@ def run(argv=None):
     tok = Tokenizer.from_file(Path(args.model).resolve().parent.parent / "tokenizer.json")
     records = load_problems(args.data)[:args.limit]
     if len(records) < CEILING_FOLDS:
-        raise SystemExit(f"{args.data}: {len(records)} problem(s); the readout is fitted on {CEILING_FOLDS} folds "
+        raise ValueError(f"{args.data}: {len(records)} problem(s); the readout is fitted on {CEILING_FOLDS} folds "
                          f"of problems, so it needs at least {CEILING_FOLDS}")
     base = Path(args.data).parent
     px = problem_pixels(records, base, model.cfg.vision)

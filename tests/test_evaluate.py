@@ -302,6 +302,8 @@ def test_filtered_majority_votes_among_the_samples_a_kind_verifier_keeps():
     # four vote (5 first); p1 keeps A, A
     assert filtered_majority(s, RECS, kinds, ("perception",), n=2) == [True, True]      # p0: 5 dropped, 7 kept;
     # p1: 2 and A tie, 2 first
+    with pytest.raises(ValueError, match="one kind per sample"):           # kinds of other samples (greedy's)
+        filtered_majority(s, RECS, [k[:1] for k in kinds], ("perception",))
 
 
 def test_kind_verifiers_vote_among_kept_samples_against_the_same_maj():

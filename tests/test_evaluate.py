@@ -179,6 +179,10 @@ def test_likelihood_best_of_n_and_policy_judge_by_hand(monkeypatch):
     assert likelihood_best_of_n(s, lp) == [True, True]
     assert likelihood_best_of_n(s, lp, 2) == [True, False]   # first two: p0 sample 1 (-3), p1 sample 1 (-1.5)
     assert likelihood_best_of_n(s, [[[], [], [-1.0], []], [[], [], [], [-1.0]]]) == [False, True]
+    with pytest.raises(ValueError, match="best-of-8"):      # more samples asked than there are
+        likelihood_best_of_n(s, lp, 8)
+    with pytest.raises(ValueError, match="one step log-likelihood list per sample"):
+        likelihood_best_of_n(s, [x[:3] for x in lp])
 
     # a stand-in policy that finds a step likely only in the response marked "good": the judge must
     # pick, per record, the good one among ITS samples (a mixed-up slice of the flat list would not)

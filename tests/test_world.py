@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ursa import world  # noqa: E402
 from ursa import answer  # noqa: E402
-from ursa.oracle import OracleVerdict, oracle_steps, oracle_steps_of  # noqa: E402
+from ursa.oracle import OracleVerdict, misquoted_options, oracle_steps, oracle_steps_of  # noqa: E402
 from ursa.mie import corrupt, corruption_kinds, slipped_values  # noqa: E402
 from ursa.pretraining import NUM_ATTR_SLOTS, NUM_ATTR_VALUES, attributes  # noqa: E402
 from ursa.world import FAMILIES, check, make_problem, make_problems  # noqa: E402
@@ -585,6 +585,27 @@ def test_oracle_agrees_with_every_corruption(problems):
                     assert v is not None and v.first_error == i + 1, (p.id, kind, steps, v)
                     assert not v.answer_correct and not v.complete and _labels_ok(v)
     assert min(n.values()) > 50
+
+
+def test_misquoted_options_by_hand_and_on_every_solution_and_option_corruption(problems):
+    """Option checks whose option text is not the question's, anywhere in the response (after the
+    first error too); none in a rendered solution, at least one in every option corruption."""
+    ch = ["8", "9", "7", "11"]
+    wrong_first = ("Step 1: There is 1 red circle.\n\nStep 2: 1 * 3 = 3.\n\nStep 3: (A) 8 is not 3. (B) 9 is not 3. "
+                   "(C) 7 is not 3. (D) 3 is 3.\n\n†Answer: D")          # the error is elsewhere; (D) is 11
+    assert misquoted_options(ch, wrong_first) == ["(D) 3"]
+    assert misquoted_options(ch, "Step 4: (A) 8 is not 9. (B) 9 is 9.") == []
+    assert misquoted_options(ch, "Step 4: (a) 8 IS NOT 9. (c) 9 is 9. (E) 3 is not 9.") == ["(C) 9", "(E) 3"]
+    assert misquoted_options(["red", "green"], "(A) red is not green. (B) Green is green.") == []
+    assert misquoted_options(None, "(A) 8 is 8.") == [] and misquoted_options(ch, None) == []
+    rng, n = random.Random(2), 0
+    for p in _all(problems):
+        assert misquoted_options(p.choices, p.solution) == [], p.id
+        if p.choices is not None:
+            steps, ans, _ = corrupt(p, rng, "option")
+            assert misquoted_options(p.choices, "\n\n".join(steps)), (p.id, steps)
+            n += 1
+    assert n > 20
 
 
 SHAPES = ["There are 3 circles.", "There is 1 square.", "There are 2 triangles."]     # train-shapes-0

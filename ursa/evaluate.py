@@ -375,8 +375,14 @@ def step_logprobs(policy, tok, questions: Sequence[str], steps: Sequence[Sequenc
 def likelihood_best_of_n(s: Samples, logprobs: list, n: Optional[int] = None) -> list[bool]:
     """Per record: best-of-n with the policy's own step log-likelihoods as the judge (logprobs[i][j]:
     step_logprobs of sample j): the sample whose least likely step is most likely wins (a sample
-    without steps never does). What a verifier that knows only what the policy knows can pick."""
+    without steps never does). What a verifier that knows only what the policy knows can pick.
+    logprobs must hold one list per sample of each record and n at most s.n (ValueError otherwise:
+    a judge handed fewer samples would still pick, and nothing downstream could tell)."""
     n = n or s.n
+    if n > s.n or len(logprobs) != len(s.correct) or any(len(lp) != len(c) for lp, c in zip(logprobs, s.correct)):
+        raise ValueError(f"likelihood_best_of_n: best-of-{n} needs {len(s.correct)} records of at least {n} samples, "
+                         f"each with one step log-likelihood list per sample; got {s.n} samples per record and "
+                         f"{len(logprobs)} rows of {sorted({len(lp) for lp in logprobs})} lists")
     out = []
     for c, lp in zip(s.correct, logprobs):
         worst = [min(x) if x else float("-inf") for x in lp[:n]]

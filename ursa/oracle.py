@@ -435,3 +435,22 @@ def oracle_steps(problem, response: str) -> Optional[OracleVerdict]:
     if verdict is not None:
         verdict.answer_correct = judge(response, problem.answer, problem.choices)[1]
     return verdict
+
+
+_CHECK = dict(_TEMPLATES)["check"]
+
+
+def misquoted_options(choices: Optional[list], response: str) -> list:
+    """The option checks anywhere in a response ("(B) 22 is [not] 22") whose option text is not the
+    question's text of that letter, in order, as "(B) 22" strings; a letter past the last option counts.
+    Unlike the oracle's verdict this reads every step, also after the first error (a wrong value
+    often ends in a check that misquotes an option to match it), and needs only the question's text,
+    not the image. A free-form question (choices None) has nothing to misquote: []."""
+    if not choices or not isinstance(response, str):
+        return []
+    out = []
+    for m in _CHECK.finditer(response):
+        k = ord(m.group(1).upper()) - ord("A")
+        if k >= len(choices) or m.group(2).lower() != str(choices[k]).lower():
+            out.append(f"({m.group(1).upper()}) {m.group(2)}")
+    return out

@@ -16,8 +16,8 @@ script fits the best readout of them that the truth allows and measures what it 
    (ursa.results.error_kind) is not of the given kinds (ursa.evaluate.filtered_majority), i.e. the
    pick of a verifier that flags exactly those errors and is blind to the rest;
 6. a check that needs neither the image nor the oracle: majority vote among the samples none of whose
-   option checks misquotes the question's options (ursa.oracle.misquoted_options, any step, also
-   after the first error).
+   option checks misquotes the question's options (ursa.results.option_quote_verifier over
+   ursa.oracle.misquoted_options: any step, also after the first error).
 
 No PRM is involved: the result is the ceiling of any verifier whose knowledge is the policy's (a
 readout fitted with true labels on the same distribution), so a PRM trained on DualMath labels from
@@ -36,11 +36,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ursa.evaluate import (CEILING_FOLDS, acc_record, filtered_majority, fitted_best_of_n, fmt_acc, likelihood_best_of_n,  # noqa: E402
-                           load_problems, paired_bootstrap, problem_pixels, sample, step_features, step_labels, step_logprobs)
-from ursa.oracle import misquoted_options  # noqa: E402
+from ursa.evaluate import (CEILING_FOLDS, fitted_best_of_n, fmt_acc, likelihood_best_of_n, load_problems,  # noqa: E402
+                           paired_bootstrap, problem_pixels, sample, step_features, step_labels, step_logprobs)
 from ursa.prm import split_steps  # noqa: E402
-from ursa.results import error_kind, kind_verifiers, oracle_verdicts  # noqa: E402
+from ursa.results import error_kind, kind_verifiers, option_quote_verifier, oracle_verdicts  # noqa: E402
 from ursa.tokenizer import Tokenizer  # noqa: E402
 from ursa.weights import load_model  # noqa: E402
 
@@ -99,23 +98,18 @@ def run(argv=None):
     for name in ("fitted", "judge"):
         d = res[f"{name}_minus_maj"]
         print(f"  {name} minus maj@{n}: {100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}]")
-    res["kind_verifiers"] = kind_verifiers(records, s, [[error_kind(v) for v in vr] for vr in verdicts])
-    print(f"  a verifier that flags exactly some kinds of first error (maj@{n} over the samples it keeps):")
-    for name, e in res["kind_verifiers"].items():
+    def row(name: str, e: dict):
         d = e["minus_maj"]
         print(f"    {name:<22} {fmt_acc(e['best_of_n']['correct'], e['best_of_n']['n'])}  "
               f"({100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] vs maj@{n})")
-    quoted = [["misquote" if misquoted_options(r.get("choices"), t) else "ok" for t in ts]
-              for r, ts in zip(records, s.responses)]
-    picked = filtered_majority(s, records, quoted, ("misquote",))
-    flagged = [c for q, cr in zip(quoted, s.correct) for k, c in zip(q, cr) if k == "misquote"]
-    res["option_quotes"] = {"best_of_n": acc_record(picked), "minus_maj": paired_bootstrap(picked, maj),
-                            "flagged": len(flagged), "flagged_right": sum(flagged)}
-    d = res["option_quotes"]["minus_maj"]
+    res["kind_verifiers"] = kind_verifiers(records, s, [[error_kind(v) for v in vr] for vr in verdicts])
+    print(f"  a verifier that flags exactly some kinds of first error (maj@{n} over the samples it keeps):")
+    for name, e in res["kind_verifiers"].items():
+        row(name, e)
+    q = res["option_quotes"] = option_quote_verifier(records, s)
     print(f"  a text check: drop the samples with an option check that misquotes the question "
-          f"({len(flagged)} samples, {sum(flagged)} of them right)")
-    print(f"    {'option quotes':<22} {fmt_acc(sum(picked), len(picked))}  "
-          f"({100 * d['diff']:+.1f} [{100 * d['ci95'][0]:+.1f}, {100 * d['ci95'][1]:+.1f}] vs maj@{n})")
+          f"({q['flagged']} samples, {q['flagged_right']} of them right)")
+    row("option quotes", q)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
 

@@ -310,6 +310,18 @@ def test_filtered_majority_votes_among_the_samples_a_kind_verifier_keeps():
         filtered_majority(s, RECS, [k[:1] for k in kinds], ("perception",))
 
 
+def test_option_quote_verifier_drops_the_samples_that_misquote_an_option():
+    """Only p1 has options (1, 2, 3, 4); its two "A" samples check "(A) 2", which the question does
+    not say, so the vote keeps "2" (= B) and "(B)": right. p0 is free-form: nothing dropped, maj 5."""
+    from ursa.results import option_quote_verifier
+    resp = [RESP[0], ["†Answer: 2", "Step 1: (A) 2 is 2.\n\n†Answer: A", "Step 1: (A) 2 is 2.\n\n†Answer: A",
+                      "Step 1: (A) 1 is not 2. (B) 2 is 2.\n\n†Answer: (B)"]]
+    s = judge_all(RECS, resp)
+    q = option_quote_verifier(RECS, s)
+    assert (q["flagged"], q["flagged_right"]) == (2, 0)
+    assert q["best_of_n"]["correct"] == 1 and q["minus_maj"]["diff"] == pytest.approx(0.5)   # maj: 5 and A
+
+
 def test_kind_verifiers_vote_among_kept_samples_against_the_same_maj():
     from ursa.results import KIND_VERIFIERS, kind_verifiers
     s = samples()

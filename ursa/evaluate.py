@@ -460,8 +460,9 @@ def fitted_best_of_n(feats: list, labels: list, correct: list, folds: int = CEIL
 def filtered_majority(s: Samples, records, kinds: list, drop: Sequence[str], n: Optional[int] = None) -> list[bool]:
     """Per record: majority vote over the first n samples whose first-error kind (kinds[i][j], e.g.
     ursa.results.error_kind of the oracle's verdict; one per sample of s, else ValueError) is not in
-    `drop`; all n samples when every one is dropped. What best-of-n gets from a verifier that flags exactly the errors of the dropped kinds
-    and knows nothing else (ties keep majority_vote's rule: the first answer seen)."""
+    `drop`; all n samples when every one is dropped. What best-of-n gets from a verifier that flags
+    exactly the errors of the dropped kinds and knows nothing else (ties keep majority_vote's rule:
+    the first answer seen)."""
     n = n or s.n
     if len(kinds) != len(records) or any(len(k) != len(e) for k, e in zip(kinds, s.extracted)):
         raise ValueError(f"filtered_majority: kinds must hold one kind per sample of each of the {len(records)} "

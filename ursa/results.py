@@ -160,6 +160,19 @@ def kind_verifiers(records, s, kinds: list) -> dict:
     return out
 
 
+def option_quote_verifier(records, s) -> dict:
+    """maj@N among the samples none of whose option checks misquotes the question (ursa.oracle.
+    misquoted_options, any step): a verifier that reads only the text. best_of_n (acc_record), minus_maj
+    (paired against maj@N), flagged (samples dropped) and flagged_right (of them, right ones)."""
+    from ursa.oracle import misquoted_options
+    flags = [["misquote" if misquoted_options(r.get("choices"), t) else "ok" for t in ts]
+             for r, ts in zip(records, s.responses)]
+    picked = filtered_majority(s, records, flags, ("misquote",))
+    flagged = [c for f, cr in zip(flags, s.correct) for k, c in zip(f, cr) if k == "misquote"]
+    return {"best_of_n": acc_record(picked), "minus_maj": paired_bootstrap(picked, s.maj(records)),
+            "flagged": len(flagged), "flagged_right": sum(flagged)}
+
+
 def headroom(records, s, verdicts: list) -> dict:
     """Where a verifier could gain over self-consistency: the problems whose majority answer over all
     of s's samples is wrong while some sample is right ("problems"), the mean share of right samples
